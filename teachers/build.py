@@ -1,0 +1,191 @@
+"""Frozen SAM teachers built through `segment_anything` from the official checkpoint files.
+
+Official checkpoints (`sam_vit_h_4b8939.pth`, `sam_vit_l_0b3195.pth`, `sam_vit_b_01ec64.pth`) are
+flat state dicts with `image_encoder.*`, `prompt_encoder.*` and `mask_decoder.*` keys. `vit_tiny`
+is a small architecture with the same key layout, for tests and the CPU demo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from teachers.preprocess import PIXEL_MEAN, PIXEL_STD
+
+TEACHER_NAMES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
+# SAM's global-attention blocks: the natural layer-wise distillation targets.
+DEFAULT_TAPS = {
+    "vit_h": (7, 15, 23, 31),
+    "vit_l": (5, 11, 17, 23),
+    "vit_b": (2, 5, 8, 11),
+    "vit_tiny": (1, 3),
+}
+VIT_TINY_SEED = 0
+VIT_TINY_IMG_SIZE = 256
+
+
+def build_vit_tiny(img_size: int = VIT_TINY_IMG_SIZE) -> Sam:
+    """A 4-block, 64-wide SAM with the official key layout and SAM's prompt encoder and decoder.
+
+    Sizes follow `segment_anything/build_sam.py` in miniature: windowed blocks with two global
+    blocks, relative positions, the 256-channel neck.
+    """
+    if img_size % 16:
+        raise ValueError(f"vit_tiny img_size must be a multiple of 16, got {img_size}")
+    grid = img_size // 16
+    encoder = ImageEncoderViT(
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=64,
+        depth=4,
+        num_heads=2,
+        mlp_ratio=4.0,
+        out_chans=256,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=4,
+        global_attn_indexes=(1, 3),
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    prompt = PromptEncoder(
+        embed_dim=256,
+        image_embedding_size=(grid, grid),
+        input_image_size=(img_size, img_size),
+        mask_in_chans=16,
+    )
+    return Sam(encoder, prompt, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+
+
+_BUILDERS: dict[str, Callable[[], Sam]] = {
+    "vit_h": sam_model_registry["vit_h"],
+    "vit_l": sam_model_registry["vit_l"],
+    "vit_b": sam_model_registry["vit_b"],
+    "vit_tiny": build_vit_tiny,
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHER_NAMES)}")
+
+
+def random_vit_tiny(seed: int = VIT_TINY_SEED) -> Sam:
+    """`vit_tiny` with seeded random weights (positional embedding included), without touching
+    the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = build_vit_tiny()
+        torch.nn.init.trunc_normal_(sam.image_encoder.pos_embed, std=0.02)
+    return sam.eval()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "documentation" not in line]
+    return lines[-1] if lines else type(err).__name__
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a flat state dict with `weights_only=True`; refuse anything else with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise ValueError(f"{path}: not a readable torch checkpoint ({_last_line(err)})") from err
+        raise ValueError(
+            f"{path}: refusing to load: the file holds a pickled object ({found.group(1)}) besides "
+            "tensors. Re-save it as a plain state dict: torch.save(model.state_dict(), path)."
+        ) from err
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({_last_line(err)})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(
+            f"{path}: expected a flat state dict of tensors; non-tensor entries: {bad[:5]}"
+            + (" (a training checkpoint? export its model state dict)" if "model" in bad else "")
+        )
+    return state
+
+
+def _list(keys: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def check_state_dict(
+    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], what: str, source: str
+) -> None:
+    """Raise ValueError naming missing keys, unexpected keys and shape mismatches."""
+    missing = [k for k in reference if k not in state]
+    unexpected = [k for k in state if k not in reference]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in reference.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_list(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches: {_list(shapes, 4)}")
+    if problems:
+        raise ValueError(f"{source} does not match {what}: " + "; ".join(problems))
+
+
+def load_sam_checkpoint(name: str, checkpoint: str | Path) -> Sam:
+    """Build SAM `name` and load an official-layout checkpoint strictly (weights_only=True).
+
+    The model is built on the meta device and the checkpoint tensors are assigned in place, so
+    ViT-H is not randomly initialised first (that alone takes tens of seconds on a CPU).
+    """
+    _check_name(name)
+    state = read_checkpoint(checkpoint)
+    builder = _BUILDERS[name]
+    pos = state.get("image_encoder.pos_embed")
+    if name == "vit_tiny" and pos is not None and pos.ndim == 4:
+        # vit_tiny is used at several test sizes; its grid is read off the file.
+        builder = partial(build_vit_tiny, img_size=pos.shape[1] * 16)
+    with torch.device("meta"):
+        sam = builder()
+    check_state_dict(state, sam.state_dict(), f"SAM {name}", str(checkpoint))
+    sam.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers are not in the file: rebuild them on the CPU.
+    sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+    sam.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+    return sam.eval()

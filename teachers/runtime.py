@@ -1,0 +1,38 @@
+"""Process placement read once from the environment (torchrun/DeepSpeed or SLURM)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """rank: global process index; world_size: number of processes; local_rank: index on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def _int(env: dict[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError as err:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from err
+
+
+def dist_env(env: dict[str, str] | None = None) -> DistEnv:
+    """Rank and world size from `RANK`/`WORLD_SIZE`/`LOCAL_RANK`, else SLURM's `SLURM_PROCID`/
+    `SLURM_NTASKS`/`SLURM_LOCALID`, else a single process."""
+    env = dict(os.environ) if env is None else env
+    for rank, world, local in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ):
+        if rank in env and world in env:
+            placed = DistEnv(_int(env, rank), _int(env, world), _int(env, local) if local in env else 0)
+            if not 0 <= placed.rank < placed.world_size:
+                raise ValueError(f"{rank}={placed.rank} is outside 0..{world}-1={placed.world_size - 1}")
+            return placed
+    return DistEnv()
