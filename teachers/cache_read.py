@@ -1,0 +1,193 @@
+"""Read and verify the teacher-feature cache written by `teachers.cache`."""
+
+from __future__ import annotations
+
+import json
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from teachers import codecs
+from teachers.build import file_sha256
+from teachers.cache import MANIFEST, channel_axis, record_path
+from teachers.preprocess import decode_image, preprocess
+from teachers.sources import IMAGE_EXTS
+from teachers.teacher import EMBED, Teacher, tap_name
+
+
+@dataclass
+class CacheSample:
+    """A decoded cache sample.
+
+    features: "embed" [256, h, w] and "block{i}" [h, w, C], float32.
+    meta: the sample's json (orig_hw, input_hw, img_size, codec, dtype, teacher, taps).
+    ann: the source annotations, or None.
+    """
+
+    key: str
+    image: bytes
+    image_ext: str
+    features: dict[str, torch.Tensor]
+    meta: dict
+    ann: dict | None = None
+
+
+def load_manifest(cache_dir: str | Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {cache_dir}: not a teacher cache, or caching never finished a shard")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: corrupt manifest ({err})") from err
+
+
+def check_manifest(manifest: dict, source: str = "cache", **expected: object) -> None:
+    """Refuse a cache whose manifest differs from what the caller expects.
+
+    expected: any of teacher, taps, img_size, codec, preprocess_version; None values are skipped.
+    """
+    wrong = []
+    for key, want in expected.items():
+        if want is None:
+            continue
+        have = manifest.get(key)
+        if key == "taps":
+            have, want = sorted(have or []), sorted(want)
+        if have != want:
+            wrong.append(f"{key}: cache has {have!r}, expected {want!r}")
+    if wrong:
+        raise ValueError(f"{source} does not match this run: " + "; ".join(wrong))
+
+
+def shard_paths(cache_dir: str | Path, manifest: dict) -> list[str]:
+    return [str(Path(cache_dir) / s["name"]) for s in manifest["shards"]]
+
+
+def decode_sample(raw: dict) -> CacheSample:
+    """Decode a raw WebDataset sample (bytes values) from a cache shard."""
+    key = raw["__key__"]
+    try:
+        meta = json.loads(raw["json"])
+        ext = next(e for e in IMAGE_EXTS if e in raw)
+        fields = [EMBED] + [tap_name(t) for t in meta["taps"]]
+        features = {}
+        for name in fields:
+            stored = {"q": codecs.from_npy_bytes(raw[f"{name}.npy"])}
+            if f"{name}_scale.npy" in raw:
+                stored["scale"] = codecs.from_npy_bytes(raw[f"{name}_scale.npy"])
+            features[name] = codecs.decode(stored, meta["codec"], channel_axis(name))
+        ann = json.loads(raw["ann.json"]) if "ann.json" in raw else None
+    except (KeyError, StopIteration, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"sample {key!r} in {raw.get('__url__', '?')} is corrupt: {err!r}") from err
+    return CacheSample(key, raw[ext], ext, features, meta, ann)
+
+
+def read_cache(
+    cache_dir: str | Path, *, allow_incomplete: bool = False, **expected: object
+) -> Iterator[CacheSample]:
+    """Yield every sample of a cache in shard order, after checking its manifest.
+
+    expected: teacher, taps, img_size, codec (see `check_manifest`).
+    """
+    manifest = load_manifest(cache_dir)
+    check_manifest(manifest, f"cache {cache_dir}", **expected)
+    if not manifest["complete"] and not allow_incomplete:
+        raise ValueError(
+            f"cache {cache_dir} is incomplete ({len(manifest['shards'])} of {manifest['num_shards']} "
+            "shards): rerun the caching command to finish it"
+        )
+    dataset = wds.WebDataset(shard_paths(cache_dir, manifest), shardshuffle=False, empty_check=False)
+    for raw in dataset:
+        yield decode_sample(raw)
+
+
+@dataclass
+class VerifyReport:
+    bad_shards: dict[str, str] = field(default_factory=dict)  # shard name -> reason
+    num_checked_shards: int = 0
+    num_checked_samples: int = 0
+    num_recomputed: int = 0
+    max_error_ratio: float = 0.0  # worst |cached - recomputed| / allowed, over recomputed samples
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_shards
+
+
+def _count_tar_samples(path: Path) -> int:
+    with tarfile.open(path, "r:") as tar:
+        return len({Path(m.name).name.split(".", 1)[0] for m in tar if m.isfile()})
+
+
+def _check_shard(cache_dir: Path, entry: dict) -> str | None:
+    path = cache_dir / entry["name"]
+    if not path.is_file():
+        return "file missing"
+    if file_sha256(path) != entry["sha256"]:
+        return "sha256 mismatch"
+    try:
+        count = _count_tar_samples(path)
+    except (tarfile.TarError, OSError) as err:
+        return f"unreadable tar ({err})"
+    if count != entry["num_samples"]:
+        return f"{count} samples, manifest says {entry['num_samples']}"
+    return None
+
+
+def _recompute(teacher: Teacher, sample: CacheSample, slack: float) -> float:
+    """Worst ratio of the cached error to the allowed error for one sample."""
+    pre = preprocess(decode_image(sample.image, sample.key), teacher.img_size)
+    fresh = teacher(pre.image[None])
+    worst = 0.0
+    for name, cached in sample.features.items():
+        ref = fresh[name][0]
+        allowed = codecs.error_bound(ref, sample.meta["codec"], channel_axis(name)) + slack * (1 + ref.abs())
+        worst = max(worst, float(((cached - ref).abs() / allowed).max()))
+    return worst
+
+
+def verify_cache(
+    cache_dir: str | Path, teacher: Teacher | None = None, num_recompute: int = 0, seed: int = 0,
+    slack: float = 1e-4,
+) -> VerifyReport:
+    """Re-check every shard's sha256 and sample count; recompute `num_recompute` random samples
+    with `teacher` and compare within the codec's bound plus `slack` (batch-size rounding)."""
+    cache_dir = Path(cache_dir)
+    manifest = load_manifest(cache_dir)
+    report = VerifyReport()
+    listed = {s["name"] for s in manifest["shards"]}
+    for i in range(manifest["num_shards"]):
+        name = f"shard-{i:06d}.tar"
+        if name not in listed:
+            report.bad_shards[name] = "not finished (rerun the caching command)"
+    for entry in manifest["shards"]:
+        report.num_checked_shards += 1
+        reason = _check_shard(cache_dir, entry)
+        if reason:
+            report.bad_shards[entry["name"]] = reason
+        else:
+            report.num_checked_samples += entry["num_samples"]
+    if teacher is None or num_recompute <= 0:
+        return report
+    if teacher.checkpoint_sha256 != manifest["teacher_sha256"] or teacher.name != manifest["teacher"]:
+        raise ValueError(f"the verifying teacher is not the one that made {cache_dir} (name or checkpoint sha256 differ)")
+    good = [e for e in manifest["shards"] if e["name"] not in report.bad_shards]
+    keys = [(e["name"], k) for e in good for k in json.loads(record_path(cache_dir, int(e["name"][6:12])).read_text())["keys"]]
+    chosen = set(random.Random(seed).sample(keys, min(num_recompute, len(keys))))
+    urls = sorted({str(cache_dir / name) for name, _ in chosen})
+    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        shard = Path(raw["__url__"]).name
+        if (shard, raw["__key__"]) not in chosen:
+            continue
+        ratio = _recompute(teacher, decode_sample(raw), slack)
+        report.num_recomputed += 1
+        report.max_error_ratio = max(report.max_error_ratio, ratio)
+        if ratio > 1:
+            report.bad_shards[shard] = f"sample {raw['__key__']} differs from the teacher ({ratio:.2f}x the codec bound)"
+    return report
