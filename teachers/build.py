@@ -109,7 +109,11 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def _last_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip() and "documentation" not in line]
+    lines = [
+        line.strip()
+        for line in str(err).splitlines()
+        if line.strip() and "documentation" not in line
+    ]
     return lines[-1] if lines else type(err).__name__
 
 
@@ -123,7 +127,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found is None:
-            raise ValueError(f"{path}: not a readable torch checkpoint ({_last_line(err)})") from err
+            raise ValueError(
+                f"{path}: not a readable torch checkpoint ({_last_line(err)})"
+            ) from err
         raise ValueError(
             f"{path}: refusing to load: the file holds a pickled object ({found.group(1)}) besides "
             "tensors. Re-save it as a plain state dict: torch.save(model.state_dict(), path)."

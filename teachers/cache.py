@@ -100,7 +100,11 @@ def claim_run(out: Path, run: CacheRun) -> None:
             write_json_atomic(path, asdict(run))
             return
         old = json.loads(path.read_text())
-        diff = [f"{k}: cache has {old.get(k)!r}, this run {v!r}" for k, v in asdict(run).items() if old.get(k) != v]
+        diff = [
+            f"{k}: cache has {old.get(k)!r}, this run {v!r}"
+            for k, v in asdict(run).items()
+            if old.get(k) != v
+        ]
         if diff:
             raise ValueError(
                 f"{out} already holds a cache made with other settings ({'; '.join(diff)}). "
@@ -143,8 +147,14 @@ class _Decoded(torch.utils.data.Dataset):
         item = self.items[i]
         image, ann = read_item(item)
         pre = preprocess(decode_image(image, item.origin), self.img_size)
-        return {"item": item, "image": image, "ann": ann, "x": pre.image,
-                "orig_hw": pre.orig_hw, "input_hw": pre.input_hw}
+        return {
+            "item": item,
+            "image": image,
+            "ann": ann,
+            "x": pre.image,
+            "orig_hw": pre.orig_hw,
+            "input_hw": pre.input_hw,
+        }
 
 
 def _collate(batch: list[dict]) -> list[dict]:
@@ -163,9 +173,14 @@ def encode_sample(teacher: Teacher, codec: str, rec: dict, feats: dict[str, torc
         if "scale" in encoded:
             sample[f"{field}_scale.npy"] = codecs.to_npy_bytes(encoded["scale"])
     meta = {
-        "key": item.key, "orig_hw": list(rec["orig_hw"]), "input_hw": list(rec["input_hw"]),
-        "img_size": teacher.img_size, "codec": codec, "dtype": dtype,
-        "teacher": teacher.name, "taps": list(teacher.taps),
+        "key": item.key,
+        "orig_hw": list(rec["orig_hw"]),
+        "input_hw": list(rec["input_hw"]),
+        "img_size": teacher.img_size,
+        "codec": codec,
+        "dtype": dtype,
+        "teacher": teacher.name,
+        "taps": list(teacher.taps),
     }
     sample["json"] = json.dumps(meta).encode()
     if rec["ann"] is not None:
@@ -193,7 +208,12 @@ class _ShardWriter:
             os.fsync(f.fileno())
         sha = file_sha256(self.partial)
         os.replace(self.partial, self.final)
-        record = {"name": self.final.name, "num_samples": len(self.keys), "sha256": sha, "keys": self.keys}
+        record = {
+            "name": self.final.name,
+            "num_samples": len(self.keys),
+            "sha256": sha,
+            "keys": self.keys,
+        }
         write_json_atomic(record_path(self.out, self.index), record)
 
 
@@ -241,8 +261,15 @@ def write_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = CacheRun(
-        teacher.name, teacher.checkpoint_sha256 or "", list(teacher.taps), codec, teacher.img_size,
-        PREPROCESS_VERSION, plan.samples_per_shard, len(plan.items), plan.inputs_sha256(),
+        teacher.name,
+        teacher.checkpoint_sha256 or "",
+        list(teacher.taps),
+        codec,
+        teacher.img_size,
+        PREPROCESS_VERSION,
+        plan.samples_per_shard,
+        len(plan.items),
+        plan.inputs_sha256(),
     )
     claim_run(out, run)
     todo = [i for i in range(env.rank, plan.num_shards, env.world_size) if not _shard_done(out, i)]
@@ -250,7 +277,9 @@ def write_cache(
         (out / (shard_name(i) + ".partial")).unlink(missing_ok=True)
     items = [item for i in todo for item in plan.shard_items(i)]
     loader = torch.utils.data.DataLoader(
-        _Decoded(items, teacher.img_size), batch_size=batch_size, num_workers=workers,
+        _Decoded(items, teacher.img_size),
+        batch_size=batch_size,
+        num_workers=workers,
         collate_fn=_collate,
     )
     device = next(teacher.parameters()).device
@@ -262,7 +291,9 @@ def write_cache(
         for j, rec in enumerate(batch):
             if writer is None:
                 writer = _ShardWriter(out, next(shards))
-            writer.write(encode_sample(teacher, codec, rec, {k: v[j].cpu() for k, v in feats.items()}))
+            writer.write(
+                encode_sample(teacher, codec, rec, {k: v[j].cpu() for k, v in feats.items()})
+            )
             if len(writer.keys) == len(plan.shard_items(writer.index)):
                 writer.finish()
                 writer = None

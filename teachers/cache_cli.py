@@ -51,7 +51,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHER_NAMES:
-            raise ValueError(f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHER_NAMES)}")
+            raise ValueError(
+                f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHER_NAMES)}"
+            )
         if self.codec not in CODECS:
             raise ValueError(f"--codec {self.codec!r}: choose one of {', '.join(CODECS)}")
         if self.dtype not in DTYPES:
@@ -72,16 +74,22 @@ def _layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--layers expects comma-separated block indices, got {text!r}") from err
+        raise argparse.ArgumentTypeError(
+            f"--layers expects comma-separated block indices, got {text!r}"
+        ) from err
 
 
 def parse_args(argv: list[str] | None = None) -> CacheConfig:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--teacher", default="vit_h", choices=TEACHER_NAMES)
     p.add_argument("--teacher-ckpt", help="official SAM checkpoint (.pth)")
-    p.add_argument("--images", default="", help="SPEC: folder, glob, tars (brace patterns) or COCO root")
+    p.add_argument(
+        "--images", default="", help="SPEC: folder, glob, tars (brace patterns) or COCO root"
+    )
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--layers", type=_layers, help="tapped blocks, e.g. 7,15,23,31 (default: global blocks)")
+    p.add_argument(
+        "--layers", type=_layers, help="tapped blocks, e.g. 7,15,23,31 (default: global blocks)"
+    )
     p.add_argument("--codec", default="fp16", choices=CODECS)
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -89,8 +97,14 @@ def parse_args(argv: list[str] | None = None) -> CacheConfig:
     p.add_argument("--device", default=CacheConfig.device, choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="teacher compute dtype")
     p.add_argument("--limit", type=int, help="cache only the first N inputs")
-    p.add_argument("--verify", type=int, nargs="?", const=8, metavar="N",
-                   help="verify OUT instead of caching; recompute N random samples (default 8)")
+    p.add_argument(
+        "--verify",
+        type=int,
+        nargs="?",
+        const=8,
+        metavar="N",
+        help="verify OUT instead of caching; recompute N random samples (default 8)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return CacheConfig(**vars(p.parse_args(argv)))
 
@@ -99,10 +113,18 @@ def run_verify(cfg: CacheConfig) -> int:
     manifest = load_manifest(cfg.out)
     teacher = None
     if cfg.verify:
-        teacher = load_teacher(manifest["teacher"], cfg.teacher_ckpt, taps=manifest["taps"], dtype=cfg.dtype, device=cfg.device)
+        teacher = load_teacher(
+            manifest["teacher"],
+            cfg.teacher_ckpt,
+            taps=manifest["taps"],
+            dtype=cfg.dtype,
+            device=cfg.device,
+        )
     report = verify_cache(cfg.out, teacher, cfg.verify or 0)
-    print(f"checked {report.num_checked_shards} shards, {report.num_checked_samples} samples; "
-          f"recomputed {report.num_recomputed} (worst error {report.max_error_ratio:.3f}x the codec bound)")
+    print(
+        f"checked {report.num_checked_shards} shards, {report.num_checked_samples} samples; "
+        f"recomputed {report.num_recomputed} (worst error {report.max_error_ratio:.3f}x the codec bound)"
+    )
     for name, reason in sorted(report.bad_shards.items()):
         print(f"BAD {name}: {reason}")
     print("cache OK" if report.ok else f"cache has {len(report.bad_shards)} bad shard(s)")
@@ -124,10 +146,23 @@ def _run(cfg: CacheConfig) -> int:
     env = dist_env()
     device = f"cuda:{env.local_rank}" if cfg.device == "cuda" else "cpu"
     plan = plan_cache(cfg.images, cfg.samples_per_shard, cfg.limit)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, taps=cfg.layers, dtype=cfg.dtype, device=device)
-    manifest = write_cache(teacher, plan, cfg.out, codec=cfg.codec, batch_size=cfg.batch_size,
-                           workers=cfg.workers, env=env, progress=cfg.progress)
+    teacher = load_teacher(
+        cfg.teacher, cfg.teacher_ckpt, taps=cfg.layers, dtype=cfg.dtype, device=device
+    )
+    manifest = write_cache(
+        teacher,
+        plan,
+        cfg.out,
+        codec=cfg.codec,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        env=env,
+        progress=cfg.progress,
+    )
     done = len(manifest["shards"])
-    print(f"rank {env.rank}/{env.world_size}: {cfg.out} has {done} of {manifest['num_shards']} shards, "
-          f"{manifest['num_samples']} samples" + ("" if manifest["complete"] else " (other ranks still writing)"))
+    print(
+        f"rank {env.rank}/{env.world_size}: {cfg.out} has {done} of {manifest['num_shards']} shards, "
+        f"{manifest['num_samples']} samples"
+        + ("" if manifest["complete"] else " (other ranks still writing)")
+    )
     return 0

@@ -40,7 +40,9 @@ class CacheSample:
 def load_manifest(cache_dir: str | Path) -> dict:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {cache_dir}: not a teacher cache, or caching never finished a shard")
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {cache_dir}: not a teacher cache, or caching never finished a shard"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -84,7 +86,9 @@ def decode_sample(raw: dict) -> CacheSample:
             features[name] = codecs.decode(stored, meta["codec"], channel_axis(name))
         ann = json.loads(raw["ann.json"]) if "ann.json" in raw else None
     except (KeyError, StopIteration, ValueError, json.JSONDecodeError) as err:
-        raise ValueError(f"sample {key!r} in {raw.get('__url__', '?')} is corrupt: {err!r}") from err
+        raise ValueError(
+            f"sample {key!r} in {raw.get('__url__', '?')} is corrupt: {err!r}"
+        ) from err
     return CacheSample(key, raw[ext], ext, features, meta, ann)
 
 
@@ -102,7 +106,9 @@ def read_cache(
             f"cache {cache_dir} is incomplete ({len(manifest['shards'])} of {manifest['num_shards']} "
             "shards): rerun the caching command to finish it"
         )
-    dataset = wds.WebDataset(shard_paths(cache_dir, manifest), shardshuffle=False, empty_check=False)
+    dataset = wds.WebDataset(
+        shard_paths(cache_dir, manifest), shardshuffle=False, empty_check=False
+    )
     for raw in dataset:
         yield decode_sample(raw)
 
@@ -147,13 +153,18 @@ def _recompute(teacher: Teacher, sample: CacheSample, slack: float) -> float:
     worst = 0.0
     for name, cached in sample.features.items():
         ref = fresh[name][0]
-        allowed = codecs.error_bound(ref, sample.meta["codec"], channel_axis(name)) + slack * (1 + ref.abs())
+        allowed = codecs.error_bound(ref, sample.meta["codec"], channel_axis(name)) + slack * (
+            1 + ref.abs()
+        )
         worst = max(worst, float(((cached - ref).abs() / allowed).max()))
     return worst
 
 
 def verify_cache(
-    cache_dir: str | Path, teacher: Teacher | None = None, num_recompute: int = 0, seed: int = 0,
+    cache_dir: str | Path,
+    teacher: Teacher | None = None,
+    num_recompute: int = 0,
+    seed: int = 0,
     slack: float = 1e-4,
 ) -> VerifyReport:
     """Re-check every shard's sha256 and sample count; recompute `num_recompute` random samples
@@ -175,10 +186,19 @@ def verify_cache(
             report.num_checked_samples += entry["num_samples"]
     if teacher is None or num_recompute <= 0:
         return report
-    if teacher.checkpoint_sha256 != manifest["teacher_sha256"] or teacher.name != manifest["teacher"]:
-        raise ValueError(f"the verifying teacher is not the one that made {cache_dir} (name or checkpoint sha256 differ)")
+    if (
+        teacher.checkpoint_sha256 != manifest["teacher_sha256"]
+        or teacher.name != manifest["teacher"]
+    ):
+        raise ValueError(
+            f"the verifying teacher is not the one that made {cache_dir} (name or checkpoint sha256 differ)"
+        )
     good = [e for e in manifest["shards"] if e["name"] not in report.bad_shards]
-    keys = [(e["name"], k) for e in good for k in json.loads(record_path(cache_dir, int(e["name"][6:12])).read_text())["keys"]]
+    keys = [
+        (e["name"], k)
+        for e in good
+        for k in json.loads(record_path(cache_dir, int(e["name"][6:12])).read_text())["keys"]
+    ]
     chosen = set(random.Random(seed).sample(keys, min(num_recompute, len(keys))))
     urls = sorted({str(cache_dir / name) for name, _ in chosen})
     for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
@@ -189,5 +209,7 @@ def verify_cache(
         report.num_recomputed += 1
         report.max_error_ratio = max(report.max_error_ratio, ratio)
         if ratio > 1:
-            report.bad_shards[shard] = f"sample {raw['__key__']} differs from the teacher ({ratio:.2f}x the codec bound)"
+            report.bad_shards[shard] = (
+                f"sample {raw['__key__']} differs from the teacher ({ratio:.2f}x the codec bound)"
+            )
     return report

@@ -67,9 +67,7 @@ def encode(x: torch.Tensor, codec: str, channel_axis: int) -> dict[str, np.ndarr
     unknown codec, a bad ``channel_axis``, non-finite values, or values fp16/bf16 cannot hold.
     """
     x = _check_input(x, codec, channel_axis)
-    if codec == "fp16":
-        if x.device.type == "cpu":  # numpy's cast is the faster of the two on CPU
-            return {"q": x.numpy().astype(np.float16)}
+    if codec == "fp16":  # torch's cast: same bits as numpy's, an order of magnitude faster
         return {"q": x.to(torch.float16).cpu().numpy()}
     if codec == "bf16":  # numpy has no bfloat16: store the raw bits
         return {"q": x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}

@@ -31,8 +31,12 @@ def dist_env(env: dict[str, str] | None = None) -> DistEnv:
         ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
     ):
         if rank in env and world in env:
-            placed = DistEnv(_int(env, rank), _int(env, world), _int(env, local) if local in env else 0)
+            placed = DistEnv(
+                _int(env, rank), _int(env, world), _int(env, local) if local in env else 0
+            )
             if not 0 <= placed.rank < placed.world_size:
-                raise ValueError(f"{rank}={placed.rank} is outside 0..{world}-1={placed.world_size - 1}")
+                raise ValueError(
+                    f"{rank}={placed.rank} is outside 0..{world}-1={placed.world_size - 1}"
+                )
             return placed
     return DistEnv()

@@ -8,6 +8,7 @@ annotations. The sorted order is what makes sharding deterministic across ranks 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import re
 import tarfile
@@ -116,7 +117,11 @@ def _coco_items(ann_file: Path) -> list[SourceItem]:
     items = []
     for img in images:
         path = root / split / img["file_name"]
-        info = {"source": f"coco:{ann_file.name}", "image": img, "annotations": by_image.get(img["id"], [])}
+        info = {
+            "source": f"coco:{ann_file.name}",
+            "image": img,
+            "annotations": by_image.get(img["id"], []),
+        }
         key = sanitize_key(f"{split}_{Path(img['file_name']).with_suffix('')}")
         items.append(SourceItem(key, str(path), _ext(path.name), ann=json.dumps(info)))
     return items
@@ -155,9 +160,11 @@ def list_sources(spec: str) -> list[SourceItem]:
     if not items:
         raise ValueError(f"--images {spec!r} matched no images")
     items.sort(key=lambda i: i.key)
-    for a, b in zip(items, items[1:]):
+    for a, b in itertools.pairwise(items):
         if a.key == b.key:
-            raise ValueError(f"--images: two inputs map to the sample key {a.key!r}: {a.origin} and {b.origin}")
+            raise ValueError(
+                f"--images: two inputs map to the sample key {a.key!r}: {a.origin} and {b.origin}"
+            )
     return items
 
 

@@ -50,7 +50,9 @@ class Teacher(nn.Module):
         depth = len(image_encoder.blocks)
         bad = [t for t in taps if not 0 <= t < depth]
         if bad:
-            raise ValueError(f"taps {bad} out of range for {name} with {depth} blocks (0..{depth - 1})")
+            raise ValueError(
+                f"taps {bad} out of range for {name} with {depth} blocks (0..{depth - 1})"
+            )
         self.name = name
         self.taps = tuple(sorted(set(int(t) for t in taps)))
         self.dtype = dtype
@@ -111,7 +113,9 @@ def load_teacher(
         dtype = DTYPES[dtype]
     if checkpoint is None:
         if name != "vit_tiny":
-            raise ValueError(f"teacher {name} needs --teacher-ckpt (the official SAM checkpoint file)")
+            raise ValueError(
+                f"teacher {name} needs --teacher-ckpt (the official SAM checkpoint file)"
+            )
         import sys
 
         print(

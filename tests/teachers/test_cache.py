@@ -46,7 +46,9 @@ def test_features_read_back_within_codec_bound(teacher, coco_root, tmp_path, cod
     for s in samples:
         image = decode_image(s.image)
         pre = preprocess(image, 256)
-        assert s.meta["orig_hw"] == list(image.shape[:2]) and s.meta["input_hw"] == list(pre.input_hw)
+        assert s.meta["orig_hw"] == list(image.shape[:2]) and s.meta["input_hw"] == list(
+            pre.input_hw
+        )
         fresh = teacher(pre.image[None])
         assert set(s.features) == {"embed", "block1", "block3"}
         for name, cached in s.features.items():
@@ -70,7 +72,9 @@ def test_coco_annotations_and_image_bytes_are_carried(teacher, coco_root, tmp_pa
         assert s.ann["annotations"] == expected
         assert s.image == (coco_root / "val2017" / img["file_name"]).read_bytes()  # not re-encoded
     # Stock webdataset + numpy read the same shards without our code.
-    raw = next(iter(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False).decode()))
+    raw = next(
+        iter(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False).decode())
+    )
     assert raw["embed.npy"].dtype == np.float16 and raw["embed.npy"].shape == (256, 16, 16)
     assert raw["block1.npy"].shape == (16, 16, 64)
 
@@ -87,7 +91,10 @@ def test_reader_refuses_mismatching_manifest(teacher, coco_root, tmp_path):
 
 def test_rerun_with_other_settings_is_refused(teacher, coco_root, tmp_path):
     _cache(teacher, coco_root, tmp_path, limit=4)
-    with pytest.raises(ValueError, match="already holds a cache made with other settings.*codec: cache has 'fp16', this run 'bf16'"):
+    with pytest.raises(
+        ValueError,
+        match="already holds a cache made with other settings.*codec: cache has 'fp16', this run 'bf16'",
+    ):
         _cache(teacher, coco_root, tmp_path, limit=4, codec="bf16")
     with pytest.raises(ValueError, match="num_inputs: cache has 4, this run 5"):
         _cache(teacher, coco_root, tmp_path, limit=5)
@@ -117,10 +124,15 @@ def test_verify_names_truncated_and_corrupted_shards(teacher, coco_root, tmp_pat
     assert report.bad_shards["shard-000002.tar"] == "sha256 mismatch"
     result = subprocess.run(
         [sys.executable, "launch/cache_teacher.py", "--out", str(tmp_path), "--verify", "0"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
-    assert "BAD shard-000001.tar" in result.stdout and "BAD shard-000002.tar: sha256 mismatch" in result.stdout
+    assert (
+        "BAD shard-000001.tar" in result.stdout
+        and "BAD shard-000002.tar: sha256 mismatch" in result.stdout
+    )
     assert "BAD shard-000000.tar" not in result.stdout
 
 
@@ -128,7 +140,9 @@ def test_verify_catches_features_from_another_teacher(coco_root, tmp_path, tiny_
     other = load_teacher("vit_tiny", taps=(1, 3))  # seed-0 random weights, not tiny_ckpt's
     other.checkpoint_sha256 = load_teacher("vit_tiny", tiny_ckpt).checkpoint_sha256
     _cache(other, coco_root, tmp_path, limit=3)
-    report = verify_cache(tmp_path, load_teacher("vit_tiny", tiny_ckpt, taps=(1, 3)), num_recompute=2)
+    report = verify_cache(
+        tmp_path, load_teacher("vit_tiny", tiny_ckpt, taps=(1, 3)), num_recompute=2
+    )
     assert not report.ok and "differs from the teacher" in report.bad_shards["shard-000000.tar"]
 
 
@@ -153,13 +167,42 @@ KILLER = textwrap.dedent(
 
 
 def _cli(out, coco_root, ckpt, extra_env=None, script=None):
-    args = ["--teacher", "vit_tiny", "--teacher-ckpt", str(ckpt), "--images", str(coco_root),
-            "--out", str(out), "--samples-per-shard", "3", "--batch-size", "2", "--workers", "0",
-            "--no-progress", "--device", "cpu"]
-    cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "launch/cache_teacher.py", *args]
-    placement = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+    args = [
+        "--teacher",
+        "vit_tiny",
+        "--teacher-ckpt",
+        str(ckpt),
+        "--images",
+        str(coco_root),
+        "--out",
+        str(out),
+        "--samples-per-shard",
+        "3",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    cmd = (
+        [sys.executable, "-c", script, *args]
+        if script
+        else [sys.executable, "launch/cache_teacher.py", *args]
+    )
+    placement = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+    )
     env = {k: v for k, v in os.environ.items() if k not in placement} | (extra_env or {})
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _samples(out):
@@ -194,7 +237,10 @@ def test_sigkill_midway_then_rerun_yields_each_input_once(coco_root, tiny_ckpt, 
 
 @pytest.mark.slow
 def test_two_processes_produce_the_samples_of_one(coco_root, tiny_ckpt, tmp_path):
-    procs = [_cli(tmp_path / "two", coco_root, tiny_ckpt, {"RANK": str(r), "WORLD_SIZE": "2"}) for r in (0, 1)]
+    procs = [
+        _cli(tmp_path / "two", coco_root, tiny_ckpt, {"RANK": str(r), "WORLD_SIZE": "2"})
+        for r in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate()
         assert p.returncode == 0, err

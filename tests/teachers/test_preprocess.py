@@ -10,8 +10,14 @@ from teachers import decode_image, preprocess
 from teachers.preprocess import valid_mask
 
 # (height, width, PIL mode): portrait, landscape, square, extreme aspect, grayscale, RGBA, palette.
-CASES = [(97, 143, "RGB"), (160, 90, "RGB"), (64, 64, "RGB"), (31, 250, "L"), (200, 133, "RGBA"),
-         (77, 51, "P")]
+CASES = [
+    (97, 143, "RGB"),
+    (160, 90, "RGB"),
+    (64, 64, "RGB"),
+    (31, 250, "L"),
+    (200, 133, "RGBA"),
+    (77, 51, "P"),
+]
 
 
 def _encoded(h: int, w: int, mode: str, seed: int) -> bytes:
@@ -27,7 +33,9 @@ def _encoded(h: int, w: int, mode: str, seed: int) -> bytes:
 def test_preprocess_equals_sam_predictor_input(tiny_sam, h, w, mode):
     image = decode_image(_encoded(h, w, mode, seed=h * w))
     seen = {}
-    hook = tiny_sam.image_encoder.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].clone()))
+    hook = tiny_sam.image_encoder.register_forward_pre_hook(
+        lambda m, a: seen.update(x=a[0].clone())
+    )
     try:
         SamPredictor(tiny_sam).set_image(image)
     finally:
@@ -41,8 +49,8 @@ def test_preprocess_equals_sam_predictor_input(tiny_sam, h, w, mode):
     assert max(ours.input_hw) == size
     assert ours.input_hw == (int(h * size / long + 0.5), int(w * size / long + 0.5))
     # Padding is exact zeros outside the resized region.
-    assert ours.image[:, ours.input_hw[0]:, :].abs().sum() == 0
-    assert ours.image[:, :, ours.input_hw[1]:].abs().sum() == 0
+    assert ours.image[:, ours.input_hw[0] :, :].abs().sum() == 0
+    assert ours.image[:, :, ours.input_hw[1] :].abs().sum() == 0
 
 
 def test_decode_converts_modes_to_rgb():

@@ -83,6 +83,7 @@ def test_bad_taps_and_names(tiny_ckpt):
 
 # --- strict, safe checkpoint loading -------------------------------------------------------
 
+
 def _state(tiny_sam):
     return collections.OrderedDict((k, v.clone()) for k, v in tiny_sam.state_dict().items())
 
@@ -92,7 +93,10 @@ def test_missing_key_is_named(tmp_path, tiny_sam):
     del state["image_encoder.neck.0.weight"]
     path = tmp_path / "missing.pth"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"missing.pth does not match SAM vit_tiny: missing keys: image_encoder\.neck\.0\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing.pth does not match SAM vit_tiny: missing keys: image_encoder\.neck\.0\.weight",
+    ):
         load_teacher("vit_tiny", path)
 
 
@@ -110,7 +114,10 @@ def test_wrong_architecture_names_shape_mismatch(tmp_path, tiny_sam):
     state["mask_decoder.iou_token.weight"] = torch.zeros(1, 128)
     path = tmp_path / "shape.pth"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"shape mismatches: mask_decoder\.iou_token\.weight \(1, 128\) != \(1, 256\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatches: mask_decoder\.iou_token\.weight \(1, 128\) != \(1, 256\)",
+    ):
         load_sam_checkpoint("vit_tiny", path)
 
 
@@ -123,7 +130,10 @@ def test_pickled_object_is_refused(tmp_path, tiny_sam):
     state["image_encoder.evil"] = Payload()
     path = tmp_path / "pickled.pth"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"pickled.pth: refusing to load: the file holds a pickled object \(.*Payload\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"pickled.pth: refusing to load: the file holds a pickled object \(.*Payload\)",
+    ):
         read_checkpoint(path)
 
 

@@ -1,0 +1,26 @@
+"""The README's first command: the demo runs end to end on generated data."""
+
+import subprocess
+import sys
+
+import pytest
+
+from teachers.cache_read import load_manifest
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_demo_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "launch/demo.py", "--out", str(tmp_path), "--num-images", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stdout
+    assert "verify  OK" in result.stdout
+    assert "NOT YET IN THE DEMO" in result.stdout
+    manifest = load_manifest(tmp_path / "cache")
+    assert manifest["complete"] and manifest["num_samples"] == 8
