@@ -34,6 +34,8 @@ DEFAULT_TAPS = {
     "vit_b": (2, 5, 8, 11),
     "vit_tiny": (1, 3),
 }
+# (block width, depth) of each teacher's image encoder.
+TEACHER_SIZES = {"vit_h": (1280, 32), "vit_l": (1024, 24), "vit_b": (768, 12), "vit_tiny": (64, 4)}
 VIT_TINY_SEED = 0
 VIT_TINY_IMG_SIZE = 256
 
@@ -46,7 +48,6 @@ def build_vit_tiny(img_size: int = VIT_TINY_IMG_SIZE) -> Sam:
     """
     if img_size % 16:
         raise ValueError(f"vit_tiny img_size must be a multiple of 16, got {img_size}")
-    grid = img_size // 16
     encoder = ImageEncoderViT(
         img_size=img_size,
         patch_size=16,
@@ -61,6 +62,20 @@ def build_vit_tiny(img_size: int = VIT_TINY_IMG_SIZE) -> Sam:
         window_size=4,
         global_attn_indexes=(1, 3),
     )
+    return Sam(
+        encoder, *sam_heads(img_size), pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD)
+    )
+
+
+def sam_heads(img_size: int = 1024) -> tuple[PromptEncoder, MaskDecoder]:
+    """SAM's prompt encoder and mask decoder for `img_size` inputs, as `build_sam.py` makes them."""
+    grid = img_size // 16
+    prompt = PromptEncoder(
+        embed_dim=256,
+        image_embedding_size=(grid, grid),
+        input_image_size=(img_size, img_size),
+        mask_in_chans=16,
+    )
     decoder = MaskDecoder(
         num_multimask_outputs=3,
         transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
@@ -68,13 +83,7 @@ def build_vit_tiny(img_size: int = VIT_TINY_IMG_SIZE) -> Sam:
         iou_head_depth=3,
         iou_head_hidden_dim=256,
     )
-    prompt = PromptEncoder(
-        embed_dim=256,
-        image_embedding_size=(grid, grid),
-        input_image_size=(img_size, img_size),
-        mask_in_chans=16,
-    )
-    return Sam(encoder, prompt, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+    return prompt, decoder
 
 
 _BUILDERS: dict[str, Callable[[], Sam]] = {
@@ -117,13 +126,13 @@ def _last_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a flat state dict with `weights_only=True`; refuse anything else with a clear error."""
+def safe_load(path: str | Path) -> object:
+    """`torch.load(path, weights_only=True)` on the CPU, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found is None:
@@ -136,6 +145,15 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         ) from err
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"{path}: not a readable torch checkpoint ({_last_line(err)})") from err
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a flat state dict with `weights_only=True`; refuse anything else with a clear error."""
+    return check_flat(safe_load(path), path)
+
+
+def check_flat(state: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """`state` if it is a flat dict of tensors, else a ValueError naming `path`."""
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
@@ -174,14 +192,36 @@ def check_state_dict(
         raise ValueError(f"{source} does not match {what}: " + "; ".join(problems))
 
 
-def load_sam_checkpoint(name: str, checkpoint: str | Path) -> Sam:
+# Image-encoder width -> architecture, to recognise an official checkpoint by its contents.
+_WIDTHS = {width: name for name, (width, _) in TEACHER_SIZES.items()}
+
+
+def sam_name_from_state(state: dict[str, torch.Tensor], source: str) -> str:
+    """Recognise vit_h/vit_l/vit_b/vit_tiny from an official-layout state dict."""
+    weight = state.get("image_encoder.patch_embed.proj.weight")
+    if weight is None or weight.shape[0] not in _WIDTHS:
+        raise ValueError(
+            f"{source}: not an official SAM checkpoint (no image_encoder.patch_embed.proj.weight "
+            f"of width {', '.join(map(str, _WIDTHS))})"
+        )
+    return _WIDTHS[weight.shape[0]]
+
+
+def load_sam_checkpoint(name: str | None, checkpoint: str | Path) -> Sam:
     """Build SAM `name` and load an official-layout checkpoint strictly (weights_only=True).
+
+    name None recognises the architecture from the file.
 
     The model is built on the meta device and the checkpoint tensors are assigned in place, so
     ViT-H is not randomly initialised first (that alone takes tens of seconds on a CPU).
     """
+    return sam_from_state(name, read_checkpoint(checkpoint), str(checkpoint))
+
+
+def sam_from_state(name: str | None, state: dict[str, torch.Tensor], source: str) -> Sam:
+    """`load_sam_checkpoint` for a state dict already read from `source`."""
+    name = sam_name_from_state(state, source) if name is None else name
     _check_name(name)
-    state = read_checkpoint(checkpoint)
     builder = _BUILDERS[name]
     pos = state.get("image_encoder.pos_embed")
     if name == "vit_tiny" and pos is not None and pos.ndim == 4:
@@ -189,7 +229,7 @@ def load_sam_checkpoint(name: str, checkpoint: str | Path) -> Sam:
         builder = partial(build_vit_tiny, img_size=pos.shape[1] * 16)
     with torch.device("meta"):
         sam = builder()
-    check_state_dict(state, sam.state_dict(), f"SAM {name}", str(checkpoint))
+    check_state_dict(state, sam.state_dict(), f"SAM {name}", source)
     sam.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in the file: rebuild them on the CPU.
     sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)

@@ -127,7 +127,8 @@ def _coco_items(ann_file: Path) -> list[SourceItem]:
     return items
 
 
-def _expand(spec: str) -> list[Path]:
+def expand_spec(spec: str) -> list[Path]:
+    """Brace-expand SPEC, then glob each pattern that has wildcards (sorted)."""
     paths: list[Path] = []
     for pattern in braceexpand.braceexpand(spec):
         if any(c in pattern for c in "*?["):
@@ -156,7 +157,7 @@ def list_sources(spec: str) -> list[SourceItem]:
     """All images named by SPEC, sorted by key. SPEC: a folder (a COCO layout when it has
     annotations/instances_*.json), a glob, brace-expanded tars ('sa_{000020..000029}.tar'), a COCO
     annotation json, or an image file."""
-    items = [item for path in _expand(spec) for item in _items_for(path)]
+    items = [item for path in expand_spec(spec) for item in _items_for(path)]
     if not items:
         raise ValueError(f"--images {spec!r} matched no images")
     items.sort(key=lambda i: i.key)

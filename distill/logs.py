@@ -1,0 +1,99 @@
+"""Run logs: a CSV row per step, TensorBoard when installed, and PNG plots of losses and weights."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from distill.schedule import dld_weights
+
+
+class StepLog:
+    """Appends one CSV row per step to OUT/log.csv (and TensorBoard scalars when available).
+
+    On resume, rows after the resumed step are dropped first, so the file never holds a step twice.
+    """
+
+    def __init__(self, out: Path, columns: list[str], resume_step: int = 0) -> None:
+        self.path, self.columns = out / "log.csv", ["step", *columns]
+        rows = self.read(self.path) if resume_step and self.path.exists() else []
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(r for r in rows if int(r["step"]) <= resume_step)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow({"step": step, **values})
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key.replace("_", "/", 1), value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, str]]:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+
+def plot_run(out: Path, pair_names: list[str]) -> Path:
+    """OUT/training.png: loss per pair (log scale), DLD weights and learning rate over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = StepLog.read(out / "log.csv")
+    steps = [int(r["step"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in ["total", *pair_names]:
+        values = [float(r[f"loss_{name}"]) for r in rows]
+        if any(math.isfinite(v) and v > 0 for v in values):
+            axes[0].plot(steps, values, label=name, lw=2 if name == "total" else 1)
+    axes[0].set(yscale="log", xlabel="step", title="distillation loss per pair")
+    for name in pair_names:
+        axes[1].plot(steps, [float(r[f"weight_{name}"]) for r in rows], label=name)
+    axes[1].set(xlabel="step", title="DLD weight per pair", ylim=(-0.02, 1.02))
+    axes[2].plot(steps, [float(r["lr"]) for r in rows])
+    axes[2].set(xlabel="step", title="learning rate")
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "training.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_dld_modes(path: Path, pair_names: list[str], **kwargs: float) -> Path:
+    """A figure of every DLD mode's weights over a run, for the README."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distill.schedule import DLD_MODES
+
+    progress = [i / 200 for i in range(201)]
+    fig, axes = plt.subplots(1, len(DLD_MODES), figsize=(4 * len(DLD_MODES), 3.2), sharey=True)
+    for ax, mode in zip(axes, DLD_MODES, strict=True):
+        weights = [dld_weights(p, len(pair_names), mode, **kwargs) for p in progress]
+        ax.stackplot(progress, list(zip(*weights, strict=True)), labels=pair_names)
+        ax.set(title=mode, xlabel="training progress", xlim=(0, 1), ylim=(0, 1))
+    axes[0].set_ylabel("weight (stacked)")
+    axes[-1].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
