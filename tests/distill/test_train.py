@@ -1,0 +1,266 @@
+"""The distillation entry point, run for real (subprocesses, DeepSpeed on CPU with gloo)."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from segment_anything import SamPredictor
+
+from eval.synthetic import make_coco
+from students.export import load_sam, read_export_meta
+from teachers import load_teacher
+from teachers.cache import plan_cache, write_cache
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "--student",
+    "dfa_t",
+    "--teacher",
+    "vit_tiny",
+    "--img-size",
+    "256",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--log-every",
+    "5",
+]
+PLACEMENT = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "MASTER_PORT",
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A vit_tiny cache (random seed-0 teacher, taps 1 and 3) of 8 generated COCO images."""
+    root = tmp_path_factory.mktemp("distill")
+    make_coco(root / "coco", num_images=8, seed=3)
+    teacher = load_teacher("vit_tiny", taps=(1, 3))
+    write_cache(teacher, plan_cache(str(root / "coco"), 4), root / "cache", progress=False)
+    return root / "cache"
+
+
+def _run(*args, launcher=None, script=None, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in PLACEMENT}
+    if launcher == "deepspeed":
+        deepspeed = Path(sys.executable).parent / "deepspeed"  # the launcher beside this Python
+        cmd = [
+            str(deepspeed),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "29731",
+            "launch/distill.py",
+            *args,
+        ]
+    elif script:
+        cmd = [sys.executable, "-c", script, *args]
+    else:
+        cmd = [sys.executable, "launch/distill.py", *args]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _log(out):
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_loss_falls_and_student_runs_in_sam_predictor(cache, tmp_path):
+    out = tmp_path / "run"
+    _run(
+        "--shards",
+        str(cache),
+        "--out",
+        str(out),
+        "--steps",
+        "36",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        *BASE,
+    )
+    rows = _log(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 37))
+    embed = [float(r["loss_embed"]) for r in rows]
+    assert np.mean(embed[-5:]) < 0.5 * np.mean(embed[:5])  # falls clearly
+    weights = [float(r["weight_embed"]) for r in rows]
+    assert weights[0] == pytest.approx(0.2) and weights[-1] > 0.99  # progressive DLD by default
+    assert (out / "training.png").stat().st_size > 10_000
+
+    meta = read_export_meta(out / "student.pt")
+    assert meta["student"]["name"] == "dfa_t" and meta["step"] == 36 and meta["img_size"] == 256
+    sam = load_sam(out / "student.pt")
+    assert not any(k.startswith("image_encoder.projections") for k in sam.state_dict())
+    predictor = SamPredictor(sam)
+    predictor.set_image(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    masks, scores, _ = predictor.predict(box=np.array([10, 10, 80, 60]), multimask_output=True)
+    assert masks.shape == (3, 90, 120) and np.isfinite(scores).all()
+
+
+def test_one_and_two_ranks_give_the_same_loss_trajectory(cache, tmp_path):
+    args = [
+        "--shards",
+        str(cache),
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        *BASE,
+    ]
+    _run(*args, "--out", str(tmp_path / "one"))
+    _run(*args, "--out", str(tmp_path / "two"), launcher="deepspeed")
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    a = np.array([float(r["loss_total"]) for r in one])
+    b = np.array([float(r["loss_total"]) for r in two])
+    # Same global batches, gradients summed over accumulation vs over ranks: float rounding only.
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert a[-1] < a[0]
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, runpy, signal, sys
+    sys.path.insert(0, {repo!r})
+    import distill.logs
+    write = distill.logs.StepLog.write
+    def write_then_die(self, step, values):
+        write(self, step, values)
+        if step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    distill.logs.StepLog.write = write_then_die
+    sys.argv = ["launch/distill.py", *sys.argv[1:]]
+    runpy.run_path("launch/distill.py", run_name="__main__")
+    """
+)
+
+
+def test_sigkill_then_resume_auto_ends_with_the_weights_of_an_uninterrupted_run(cache, tmp_path):
+    args = [
+        "--shards",
+        str(cache),
+        "--steps",
+        "10",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "4",
+        *BASE,
+    ]
+    killed = _run(
+        *args,
+        "--out",
+        str(tmp_path / "killed"),
+        script=KILLER.format(repo=str(REPO), kill_at=6),
+        check=False,
+    )
+    assert killed.returncode == -9
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step00000004"
+    refused = _run(*args, "--out", str(tmp_path / "killed"), check=False)
+    assert refused.returncode == 2 and "--resume auto" in refused.stderr
+
+    resumed = _run(*args, "--out", str(tmp_path / "killed"), "--resume", "auto")
+    assert "at step 4" in resumed.stdout
+    _run(*args, "--out", str(tmp_path / "straight"))
+    assert [int(r["step"]) for r in _log(tmp_path / "killed")] == list(range(1, 11))
+    a = load_sam(tmp_path / "killed" / "student.pt").image_encoder.state_dict()
+    b = load_sam(tmp_path / "straight" / "student.pt").image_encoder.state_dict()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    losses = lambda out: [float(r["loss_total"]) for r in _log(out)]  # noqa: E731
+    np.testing.assert_allclose(
+        losses(tmp_path / "killed"), losses(tmp_path / "straight"), rtol=1e-5
+    )
+
+
+def test_manifest_mismatch_stops_before_training(cache, tmp_path):
+    out = tmp_path / "bad"
+    args = [
+        "--shards",
+        str(cache),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--student",
+        "dfa_t",
+        "--workers",
+        "0",
+    ]
+    result = _run(*args, "--teacher", "vit_tiny", "--img-size", "1024", check=False)
+    assert result.returncode == 2
+    assert "img_size: cache has 256, expected 1024" in result.stderr
+    result = _run(*args, check=False)  # default teacher vit_h
+    assert "teacher: cache has 'vit_tiny', expected 'vit_h'" in result.stderr
+    assert not (out / "checkpoints").exists() and not (out / "log.csv").exists()
+
+
+def _rewrite_sample(src, dst, key_index, field, value):
+    """Copy a cache, replacing one field of one sample of shard 0."""
+    shutil.copytree(src, dst)
+    shard = dst / "shard-000000.tar"
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    samples[key_index][field] = value
+    with wds.TarWriter(str(shard)) as writer:
+        for s in samples:
+            writer.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+    return samples[key_index]["__key__"]
+
+
+def test_corrupt_sample_is_counted_and_skipped_or_stops(cache, tmp_path):
+    key = _rewrite_sample(cache, tmp_path / "cache", 1, "embed.npy", b"not an array")
+    args = ["--shards", str(tmp_path / "cache"), "--steps", "6", "--batch-size", "2", *BASE]
+    _run(*args, "--out", str(tmp_path / "skip"))
+    assert int(_log(tmp_path / "skip")[-1]["num_corrupt"]) >= 1
+    stopped = _run(*args, "--out", str(tmp_path / "stop"), "--on-corrupt", "stop", check=False)
+    assert stopped.returncode == 2
+    assert f"sample {key!r}" in stopped.stderr and "--on-corrupt skip" in stopped.stderr
+
+
+def test_nan_loss_never_reaches_the_weights(cache, tmp_path):
+    nan = np.full((256, 16, 16), np.nan, dtype=np.float16)
+    buf = __import__("io").BytesIO()
+    np.save(buf, nan)
+    _rewrite_sample(cache, tmp_path / "cache", 0, "embed.npy", buf.getvalue())
+    out = tmp_path / "run"
+    _run(
+        "--shards",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--steps",
+        "8",
+        "--batch-size",
+        "2",
+        *BASE,
+    )
+    rows = _log(out)
+    assert int(rows[-1]["num_nonfinite"]) >= 1
+    assert all(np.isfinite(float(r["loss_total"])) for r in rows)
+    state = load_sam(out / "student.pt").image_encoder.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
