@@ -3,8 +3,8 @@
     python launch/demo.py [--out runs/demo] [--num-images 16]
 
 Stages implemented so far: a generated COCO-format dataset, the teacher-feature cache (written,
-read back and verified). Distillation, evaluation and the speed table join the demo as they land;
-the demo says which stages it skipped.
+read back and verified), distillation with `deepspeed` on 2 CPU processes. Evaluation and the
+speed table join the demo as they land; the demo says which stages it skipped.
 """
 
 import sys
@@ -15,6 +15,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 sys.path.insert(0, str(_here.parent))
 
 import argparse  # noqa: E402
+import csv  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 
 from eval.synthetic import make_coco  # noqa: E402
@@ -22,11 +25,56 @@ from teachers import load_teacher  # noqa: E402
 from teachers.cache import plan_cache, write_cache  # noqa: E402
 from teachers.cache_read import read_cache, verify_cache  # noqa: E402
 
-NOT_YET = ("distillation (DeepSpeed)", "COCO evaluation", "speed table")
+NOT_YET = ("COCO evaluation", "speed table")
+REPO = _here.parent
 
 
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
+
+
+def distill(out: Path, steps: int, processes: int) -> list[dict[str, str]]:
+    """Run launch/distill.py under the deepspeed launcher (gloo on CPU); return its log rows."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        str(processes),
+        "--master_port",
+        os.environ.get("DEMO_PORT", "29651"),
+        str(REPO / "launch" / "distill.py"),
+        "--shards",
+        str(out / "cache"),
+        "--out",
+        str(out / "run"),
+        "--student",
+        "dfa_t",
+        "--teacher",
+        "vit_tiny",
+        "--img-size",
+        "256",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--workers",
+        "1",
+        "--checkpoint-every",
+        "20",
+        "--log-every",
+        "10",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    if (out / "run" / "checkpoints" / "latest").exists():
+        cmd += ["--resume", "auto"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    with open(out / "run" / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--num-images", type=int, default=16, help="generated images (default 16)")
+    p.add_argument("--steps", type=int, default=60, help="distillation steps (default 60)")
+    p.add_argument("--processes", type=int, default=2, help="distillation processes (default 2)")
     args = p.parse_args(argv)
     out = Path(args.out)
     start = time.time()
@@ -53,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     manifest = write_cache(teacher, plan, out / "cache", codec="fp16", batch_size=4)
     report = verify_cache(out / "cache", teacher, num_recompute=4)
     num_bytes = sum((out / "cache" / s["name"]).stat().st_size for s in manifest["shards"])
-    first = next(read_cache(out / "cache", teacher="vit_tiny", codec="fp16"))
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in first.features.items())
+    sample = next(read_cache(out / "cache", teacher="vit_tiny", codec="fp16"))
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sample.features.items())
+
+    banner("3. distillation (DeepSpeed, CPU)")
+    log = distill(out, args.steps, args.processes)
+    first, last = float(log[0]["loss_embed"]), float(log[-1]["loss_embed"])
 
     banner("summary")
     rows = [
@@ -70,15 +124,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{'OK' if report.ok else 'FAILED'}: {report.num_recomputed} samples recomputed, "
             f"worst error {report.max_error_ratio:.2f}x the fp16 bound",
         ),
+        (
+            "distillation",
+            f"{len(log)} steps on {args.processes} processes, final-embedding loss "
+            f"{first:.4f} -> {last:.4f}",
+        ),
+        ("student", f"{out / 'run' / 'student.pt'} (plot {out / 'run' / 'training.png'})"),
         ("time", f"{time.time() - start:.1f} s"),
     ]
     for name, value in rows:
         print(f"{name:>20}  {value}")
     print(f"\nNOT YET IN THE DEMO (not implemented yet): {', '.join(NOT_YET)}.")
     print(
-        "\nA real cache from SAM ViT-H on SA-1B:\n"
+        "\nThe same with SAM ViT-H on SA-1B (sam_vit_h_4b8939.pth):\n"
         "  python launch/cache_teacher.py --teacher vit_h --teacher-ckpt sam_vit_h_4b8939.pth \\\n"
-        "      --images '/data/sa1b/sa_{000020..000029}.tar' --out /data/cache/vit_h"
+        "      --images '/data/sa1b/sa_{000020..000029}.tar' --out /data/cache/vit_h\n"
+        "  deepspeed launch/distill.py --shards /data/cache/vit_h --student dfa_s --out runs/dfa_s \\\n"
+        "      --teacher-ckpt sam_vit_h_4b8939.pth --steps 20000 --batch-size 64 --precision bf16"
     )
     return 0 if report.ok else 1
 

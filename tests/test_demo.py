@@ -12,7 +12,16 @@ from tests.conftest import REPO
 @pytest.mark.slow
 def test_demo_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, "launch/demo.py", "--out", str(tmp_path), "--num-images", "8"],
+        [
+            sys.executable,
+            "launch/demo.py",
+            "--out",
+            str(tmp_path),
+            "--num-images",
+            "8",
+            "--steps",
+            "20",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -24,3 +33,7 @@ def test_demo_runs(tmp_path):
     assert "NOT YET IN THE DEMO" in result.stdout
     manifest = load_manifest(tmp_path / "cache")
     assert manifest["complete"] and manifest["num_samples"] == 8
+    assert (tmp_path / "run" / "student.pt").exists() and (
+        tmp_path / "run" / "training.png"
+    ).exists()
+    assert "distillation  20 steps on 2 processes" in result.stdout
