@@ -19,6 +19,10 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -41,6 +45,18 @@ from teachers.build import (
 from teachers.cache_read import check_manifest, load_manifest
 from teachers.runtime import DistEnv, dist_env
 from teachers.teacher import EMBED, tap_name
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True` like every checkpoint
+    in this project (its own loader unpickles arbitrary objects). ZeRO optimizer states hold three
+    small DeepSpeed records, allowed by name and nothing else."""
+
+    ALLOWED = (LossScaler, ZeroStageEnum, fragment_address)
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(list(self.ALLOWED)):
+            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class DistillModel(torch.nn.Module):
@@ -180,6 +196,7 @@ def train(cfg: DistillConfig) -> Path:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size)
     )
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
     start, state = 0, {}

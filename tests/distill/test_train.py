@@ -168,6 +168,8 @@ def test_sigkill_then_resume_auto_ends_with_the_weights_of_an_uninterrupted_run(
         "4",
         "--checkpoint-every",
         "4",
+        "--zero-stage",
+        "1",
         *BASE,
     ]
     killed = _run(
