@@ -1,0 +1,16 @@
+"""The runner-vs-plain-loop benchmark runs and both sides compute the same mIoU."""
+
+from __future__ import annotations
+
+import pytest
+
+from eval import bench_eval as bench
+
+
+def test_bench_eval_small() -> None:
+    args = bench.parse_args(["--num-images", "2", "--min-side", "48", "--max-side", "96"])
+    result = bench.bench(args)
+    assert result["num_images"] == 2 and result["num_instances"] > 2
+    assert result["runner_miou"] == pytest.approx(result["plain_miou"], abs=1e-3)
+    assert result["speedup"] > 0
+    assert "speedup" in bench.format_result(result)
