@@ -21,6 +21,8 @@ def test_demo_runs(tmp_path):
             "8",
             "--steps",
             "20",
+            "--speed-models",
+            "dfa_t,dfa_s",
         ],
         cwd=REPO,
         capture_output=True,
@@ -30,10 +32,14 @@ def test_demo_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stdout
     assert "verify  OK" in result.stdout
-    assert "NOT YET IN THE DEMO" in result.stdout
     manifest = load_manifest(tmp_path / "cache")
     assert manifest["complete"] and manifest["num_samples"] == 8
     assert (tmp_path / "run" / "student.pt").exists() and (
         tmp_path / "run" / "training.png"
     ).exists()
     assert "distillation  20 steps on 2 processes" in result.stdout
+    assert (
+        "teacher agreement" in result.stdout
+        and len(list((tmp_path / "overlays").glob("*.png"))) == 8
+    )
+    assert "| dfa_s | 1024 |" in result.stdout
