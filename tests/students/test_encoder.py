@@ -1,0 +1,122 @@
+"""Student encoders over the whole registry: shapes, taps, gradients, registry and bad args."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from students import DFAEncoder, build_student, list_students
+from students.encoder import DFABlock, MLPOnlyBlock
+
+
+def _image(batch: int, side: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_names() -> None:
+    assert list_students() == ["dfa_b", "dfa_s", "dfa_t"]
+
+
+@pytest.mark.parametrize("name", list_students())
+@pytest.mark.parametrize("side", [128, 256])
+def test_shapes_taps_and_gradients(name: str, side: int) -> None:
+    torch.manual_seed(0)
+    model = build_student(name, img_size=side)
+    depth, width = len(model.blocks), model.embed_dim
+    emb, taps = model.forward_features(_image(2, side), taps=[0, depth // 2, -1])
+    assert emb.shape == (2, 256, side // 16, side // 16)
+    assert sorted(taps) == [0, depth // 2, depth - 1]
+    for tap in taps.values():
+        assert tap.shape == (2, side // 16, side // 16, width)
+    assert torch.isfinite(emb).all()
+    (emb.square().mean() + sum(t.square().mean() for t in taps.values())).backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is not None, f"{name}: {pname} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name}: {pname} has a non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", list_students())
+def test_default_grid_forward_matches_taps_path(name: str) -> None:
+    model = build_student(name, img_size=128).eval()
+    x = _image(1, 128, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_features(x, taps=[1])[0])
+
+
+def test_position_embedding_interpolates_to_other_sizes() -> None:
+    model = build_student("dfa_t", img_size=256)
+    assert model.img_size == 256 and model.pos_embed.shape == (1, 16, 16, model.embed_dim)
+    assert model._pos_embed(16, 16) is model.pos_embed
+    assert model._pos_embed(8, 12).shape == (1, 8, 12, model.embed_dim)
+    with torch.no_grad():
+        assert model(_image(1, 128)).shape == (1, 256, 8, 8)
+        assert model(torch.randn(1, 3, 160, 96)).shape == (1, 256, 10, 6)
+
+
+def test_block_types_follow_the_builder() -> None:
+    model = build_student("dfa_s", img_size=128)
+    kinds = [type(b) for b in model.blocks]
+    assert kinds[:2] == [MLPOnlyBlock, MLPOnlyBlock]
+    assert all(k is DFABlock for k in kinds[2:])
+    assert model.blocks[-1].attn.patterns[-1] == (64, 2)
+
+
+def test_fused_and_reference_backends_agree() -> None:
+    torch.manual_seed(0)
+    fused = build_student("dfa_t", img_size=128, backend="fused")
+    reference = build_student("dfa_t", img_size=128, backend="reference")
+    reference.load_state_dict(fused.state_dict())
+    x = _image(2, 128, seed=2)
+    outs = []
+    for model in (fused, reference):
+        emb = model(x)
+        emb.square().mean().backward()
+        outs.append((emb.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=0)
+    for g_fused, g_ref in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_build_records_plain_kwargs_and_rebuilds() -> None:
+    model = build_student("dfa_t", img_size=128, patterns=((4, 1), (8, 2)), layout="1d")
+    assert model.student_name == "dfa_t"
+    assert model.student_kwargs == {"img_size": 128, "patterns": [[4, 1], [8, 2]], "layout": "1d"}
+    again = build_student(model.student_name, **model.student_kwargs)
+    again.load_state_dict(model.state_dict())
+    assert all(b.attn.patterns == ((4, 1), (8, 2)) for b in again.blocks[2:])
+    assert build_student().student_name == "dfa_s"
+
+
+def test_unknown_name_and_non_plain_kwargs_raise() -> None:
+    with pytest.raises(ValueError, match="dfa_b, dfa_s, dfa_t"):
+        build_student("vit_h")
+    with pytest.raises(ValueError, match="img_size"):
+        build_student("dfa_t", img_size=torch.tensor(128))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(img_size=200), "multiple of patch_size"),
+        (dict(embed_dim=90), "not divisible"),
+        (dict(depth=0), "depth must be"),
+        (dict(mlp_only_blocks=[9]), "out of range"),
+        (dict(block_patterns=[[[8, 1]]]), "one per block"),
+        (dict(num_heads=2, patterns=[[8, 1], [32, 2]]), "head groups"),
+        (dict(patterns=[[32, 2]]), "dilation 1"),
+        (dict(layout="3d"), "layout"),
+        (dict(backend="xformers"), "backend"),
+    ],
+)
+def test_bad_constructor_args_raise(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DFAEncoder(**{"embed_dim": 64, "depth": 3, "num_heads": 4, **kwargs})
+
+
+def test_bad_inputs_raise() -> None:
+    model = build_student("dfa_t", img_size=128)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        model(torch.randn(1, 3, 120, 128))
+    with pytest.raises(ValueError, match="taps"):
+        model.forward_features(_image(1, 128), taps=[len(model.blocks)])
