@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,21 @@ import torch
 from teachers.build import random_vit_tiny
 
 REPO = Path(__file__).resolve().parent.parent
+# Process-placement variables: a test's subprocess must not inherit a launcher's (or SLURM's).
+PLACEMENT = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "MASTER_PORT",
+)
+
+
+def unplaced_env(**extra: str) -> dict[str, str]:
+    """This process's environment without placement variables, plus `extra`."""
+    return {k: v for k, v in os.environ.items() if k not in PLACEMENT} | extra
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """The distillation entry point, run for real (subprocesses, DeepSpeed on CPU with gloo)."""
 
 import csv
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from eval.synthetic import make_coco
 from students.export import load_sam, read_export_meta
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
-from tests.conftest import REPO
+from tests.conftest import REPO, unplaced_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +36,6 @@ BASE = [
     "--log-every",
     "5",
 ]
-PLACEMENT = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_LOCALID",
-    "MASTER_PORT",
-)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +49,7 @@ def cache(tmp_path_factory):
 
 
 def _run(*args, launcher=None, script=None, check=True):
-    env = {k: v for k, v in os.environ.items() if k not in PLACEMENT}
+    env = unplaced_env()
     if launcher == "deepspeed":
         deepspeed = Path(sys.executable).parent / "deepspeed"  # the launcher beside this Python
         cmd = [

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from teachers.cache import channel_axis, plan_cache, write_cache
 from teachers.cache_read import check_manifest, load_manifest, read_cache, verify_cache
 from teachers.preprocess import decode_image
 from teachers.runtime import DistEnv
-from tests.conftest import REPO
+from tests.conftest import REPO, unplaced_env
 
 SLACK = 1e-5  # teacher rounding differences between batch sizes on the CPU
 
@@ -191,15 +190,7 @@ def _cli(out, coco_root, ckpt, extra_env=None, script=None):
         if script
         else [sys.executable, "launch/cache_teacher.py", *args]
     )
-    placement = (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "SLURM_LOCALID",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in placement} | (extra_env or {})
+    env = unplaced_env(**(extra_env or {}))
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
