@@ -19,11 +19,11 @@ from pathlib import Path
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-import torch.distributed as dist
 from tqdm import tqdm
 
 from distill.config import DistillConfig, batch_layout, deepspeed_config
@@ -160,6 +160,129 @@ def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
     return t.tolist()
 
 
+def build_model(cfg: DistillConfig, teacher: str, teacher_taps: list[int]) -> DistillModel:
+    """The seeded student, its taps paired with the teacher's, and their projections."""
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg.student, img_size=cfg.img_size)
+    width, depth = TEACHER_SIZES[teacher]
+    taps = (
+        list(cfg.student_taps)
+        if cfg.student_taps
+        else student_taps_for(teacher_taps, depth, len(student.blocks))
+    )
+    if len(taps) != len(teacher_taps):
+        raise ValueError(
+            f"--student-taps {taps} must pair one-to-one with teacher taps {teacher_taps}"
+        )
+    return DistillModel(student, taps, width)
+
+
+def restore_streams(spec: DataSpec, state: dict, layout: StreamLayout, rank: int) -> None:
+    """Put the data streams where the checkpoint left them (or reseed if the layout changed)."""
+    if not state:
+        return
+    if state["layout"] == [layout.world_size, layout.accum, layout.subs]:
+        spec.positions = {int(k): tuple(v) for k, v in state["positions"][rank].items()}
+        spec.first_micro_batch = state["micro_batches"]
+        return
+    print(
+        "WARNING: processes, accumulation or loader workers changed since the checkpoint: "
+        "the data streams restart with a new seed instead of at their saved position",
+        file=sys.stderr,
+    )
+    spec.seed += state["step"]
+
+
+class Progress:
+    """Rank 0's view of the run: CSV/TensorBoard rows, the progress bar and console lines."""
+
+    def __init__(
+        self, cfg: DistillConfig, out: Path, pairs: list[str], start: int, rank: int
+    ) -> None:
+        self.cfg, self.pairs, self.rank = cfg, pairs, rank
+        columns = ["loss_total"] + [f"loss_{p}" for p in pairs] + [f"weight_{p}" for p in pairs]
+        columns += ["lr", "images_per_s", "num_corrupt", "num_nonfinite"]
+        self.log = StepLog(out, columns, start) if rank == 0 else None
+        self.bar = tqdm(
+            total=cfg.steps, initial=start, unit="step", disable=rank != 0 or not cfg.progress
+        )
+
+    def step(
+        self,
+        step: int,
+        means: list[float],
+        weights: list[float],
+        lr: float,
+        seconds: float,
+        corrupt: int,
+        nonfinite: int,
+    ) -> None:
+        self.bar.update(1)
+        if self.log is None:
+            return
+        total = sum(w * m for w, m in zip(weights, means, strict=True))
+        values = {"loss_total": total} | {
+            f"loss_{p}": m for p, m in zip(self.pairs, means, strict=True)
+        }
+        values |= {f"weight_{p}": w for p, w in zip(self.pairs, weights, strict=True)}
+        rate = self.cfg.batch_size / seconds
+        values |= {
+            "lr": lr,
+            "images_per_s": rate,
+            "num_corrupt": corrupt,
+            "num_nonfinite": nonfinite,
+        }
+        self.log.write(step, values)
+        self.bar.set_postfix(loss=f"{total:.4g}", embed=f"{means[-1]:.4g}", img_s=f"{rate:.1f}")
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            self.bar.write(
+                f"step {step}/{self.cfg.steps} loss {total:.5g} final-embedding {means[-1]:.5g} "
+                f"lr {lr:.3g} {rate:.1f} img/s corrupt {corrupt} non-finite {nonfinite}"
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def save_checkpoint(engine, ckpt_dir: Path, client: dict, positions: dict, keep: int) -> None:
+    """A DeepSpeed checkpoint on every rank, with every rank's data positions in rank 0's state."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, positions)
+    tag = f"step{client['step']:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client | {"positions": gathered})
+    if dist.get_rank() == 0:
+        _prune(ckpt_dir, keep)
+
+
+def export(
+    cfg: DistillConfig,
+    model: DistillModel,
+    manifest: dict,
+    teacher: str,
+    teacher_ckpt: str | None,
+    pairs: list[str],
+) -> Path:
+    """Rank 0 at the end: the training plot and student.pt."""
+    out = Path(cfg.out)
+    plot_run(out, pairs)
+    heads = _heads_source(teacher, teacher_ckpt, manifest)
+    path = save_student(
+        out / "student.pt",
+        model.student,
+        heads,
+        teacher=teacher,
+        teacher_sha256=manifest["teacher_sha256"],
+        step=cfg.steps,
+    )
+    print(
+        f"exported {path} (student {cfg.student}, step {cfg.steps}); "
+        f"log {out / 'log.csv'}, plot {out / 'training.png'}"
+    )
+    return path
+
+
 def train(cfg: DistillConfig) -> Path:
     """Run (or resume) a distillation; return the path of the exported student.pt."""
     device = (
@@ -176,23 +299,9 @@ def train(cfg: DistillConfig) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     micro, accum = batch_layout(cfg, env.world_size)
-
-    torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, img_size=cfg.img_size)
-    teacher_width, teacher_depth = TEACHER_SIZES[teacher]
     teacher_taps = list(manifest["taps"])
-    student_taps = (
-        list(cfg.student_taps)
-        if cfg.student_taps
-        else student_taps_for(teacher_taps, teacher_depth, len(student.blocks))
-    )
-    if len(student_taps) != len(teacher_taps):
-        raise ValueError(
-            f"--student-taps {student_taps} must pair one-to-one with teacher taps {teacher_taps}"
-        )
-    model = DistillModel(student, student_taps, teacher_width)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = build_model(cfg, teacher, teacher_taps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size)
     )
@@ -211,17 +320,7 @@ def train(cfg: DistillConfig) -> Path:
     spec = DataSpec(
         shards, cfg.img_size, teacher_taps, micro, cfg.seed, cfg.shuffle_buffer, cfg.on_corrupt
     )
-    if state:
-        if state["layout"] == [env.world_size, accum, layout.subs]:
-            spec.positions = {int(k): tuple(v) for k, v in state["positions"][env.rank].items()}
-            spec.first_micro_batch = state["micro_batches"]
-        else:
-            print(
-                "WARNING: processes, accumulation or loader workers changed since the checkpoint: "
-                "the data streams restart with a new seed instead of at their saved position",
-                file=sys.stderr,
-            )
-            spec.seed = cfg.seed + start
+    restore_streams(spec, state, layout, env.rank)
     batches = iter(make_loader(spec, layout))
 
     pairs = [tap_name(t) for t in teacher_taps] + [EMBED]
@@ -229,26 +328,19 @@ def train(cfg: DistillConfig) -> Path:
     if cfg.dld_every_epochs is not None:
         steps_per_epoch = max(1, manifest["num_samples"] // cfg.batch_size)
         every = pair_every_from_epochs(cfg.dld_every_epochs, steps_per_epoch, cfg.steps)
-    columns = ["loss_total"] + [f"loss_{p}" for p in pairs] + [f"weight_{p}" for p in pairs]
-    columns += ["lr", "images_per_s", "num_corrupt", "num_nonfinite"]
-    log = StepLog(out, columns, start) if env.rank == 0 else None
     if env.rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
-    positions = dict(spec.positions)
-    consumed = spec.first_micro_batch
+    progress = Progress(cfg, out, pairs, start, env.rank)
+    positions, consumed = dict(spec.positions), spec.first_micro_batch
     corrupt, nonfinite = state.get("num_corrupt", 0), state.get("num_nonfinite", 0)
     consecutive = 0
-    bar = tqdm(
-        total=cfg.steps, initial=start, unit="step", disable=env.rank != 0 or not cfg.progress
-    )
 
     for step in range(start, cfg.steps):
         tic = time.perf_counter()
         weights = dld_weights(
             step / cfg.steps, len(pairs), cfg.dld, floor=cfg.dld_floor, every=every
         )
-        sums = [0.0] * len(pairs)
-        done = 0
+        sums, done = [0.0] * len(pairs), 0
         while done < accum:
             batch = next(batches)
             consumed += 1
@@ -260,8 +352,7 @@ def train(cfg: DistillConfig) -> Path:
             losses = pair_losses(embed, taps, batch[EMBED].to(engine.device), teacher_feats, valid)
             loss = weighted_loss(losses, weights)
             # Every rank must agree before backward, or the gradient all-reduce would hang.
-            finite = _all_reduce([float(torch.isfinite(loss))], dist.ReduceOp.MIN)[0] == 1.0
-            if not finite:
+            if _all_reduce([float(torch.isfinite(loss))], dist.ReduceOp.MIN)[0] < 1.0:
                 nonfinite, consecutive = nonfinite + 1, consecutive + 1
                 print(
                     f"step {step}: non-finite loss, micro-batch skipped ({consecutive} in a row)",
@@ -281,60 +372,24 @@ def train(cfg: DistillConfig) -> Path:
             done += 1
         means = [v / (accum * env.world_size) for v in _all_reduce(sums)]
         total_corrupt = int(_all_reduce([float(corrupt)])[0])
-        if log is not None:
-            values = {"loss_total": sum(w * m for w, m in zip(weights, means, strict=True))}
-            values |= {f"loss_{p}": m for p, m in zip(pairs, means, strict=True)}
-            values |= {f"weight_{p}": w for p, w in zip(pairs, weights, strict=True)}
-            values |= {
-                "lr": scheduler.get_last_lr()[0],
-                "images_per_s": cfg.batch_size / (time.perf_counter() - tic),
-                "num_corrupt": total_corrupt,
-                "num_nonfinite": nonfinite,
-            }
-            log.write(step + 1, values)
-            bar.set_postfix(
-                loss=f"{values['loss_total']:.4g}",
-                embed=f"{means[-1]:.4g}",
-                img_s=f"{values['images_per_s']:.1f}",
-            )
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                bar.write(
-                    f"step {step + 1}/{cfg.steps} loss {values['loss_total']:.5g} final-embedding {means[-1]:.5g} "
-                    f"lr {values['lr']:.3g} {values['images_per_s']:.1f} img/s corrupt {total_corrupt} non-finite {nonfinite}"
-                )
-        bar.update(1)
+        seconds = time.perf_counter() - tic
+        progress.step(
+            step + 1, means, weights, scheduler.get_last_lr()[0], seconds, total_corrupt, nonfinite
+        )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            gathered = [None] * env.world_size
-            dist.all_gather_object(gathered, positions)
             client = {
                 "step": step + 1,
-                "positions": gathered,
                 "micro_batches": consumed,
-                "layout": [env.world_size, accum, layout.subs],
                 "num_corrupt": corrupt,
                 "num_nonfinite": nonfinite,
+                "layout": [env.world_size, accum, layout.subs],
                 "config": cfg.to_json(),
             }
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1:08d}", client_state=client)
-            if env.rank == 0:
-                _prune(ckpt_dir, cfg.keep_checkpoints)
-    bar.close()
+            save_checkpoint(engine, ckpt_dir, client, positions, cfg.keep_checkpoints)
+    progress.close()
 
     path = out / "student.pt"
     if env.rank == 0:
-        log.close()
-        plot_run(out, pairs)
-        heads = _heads_source(teacher, teacher_ckpt, manifest)
-        save_student(
-            path,
-            student,
-            heads,
-            teacher=teacher,
-            teacher_sha256=manifest["teacher_sha256"],
-            step=cfg.steps,
-        )
-        print(
-            f"exported {path} (student {cfg.student}, step {cfg.steps}); log {out / 'log.csv'}, plot {out / 'training.png'}"
-        )
+        export(cfg, model, manifest, teacher, teacher_ckpt, pairs)
     dist.barrier()
     return path
