@@ -43,7 +43,7 @@ from teachers.build import (
     sam_name_from_state,
 )
 from teachers.cache_read import check_manifest, load_manifest
-from teachers.runtime import DistEnv, dist_env
+from teachers.runtime import DistEnv, dist_env, local_cuda_device
 from teachers.teacher import EMBED, tap_name
 
 
@@ -290,7 +290,7 @@ def train(cfg: DistillConfig) -> Path:
     )
     env = init_process_group(device)
     if device == "cuda":
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(local_cuda_device(env))
     out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
     shards, manifest, teacher, teacher_ckpt = check_cache(cfg)
     if _latest(ckpt_dir) and cfg.resume != "auto":

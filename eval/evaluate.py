@@ -33,7 +33,7 @@ from eval.parts import PartWriter, missing_parts, part_path, read_parts, write_j
 from eval.report import det_figures, format_table, gt_figures
 from eval.runner import Task, load_model, run_images
 from eval.vis import Overlays
-from teachers.runtime import DistEnv, dist_env
+from teachers.runtime import DistEnv, dist_env, local_cuda_device
 
 if TYPE_CHECKING:
     from eval.cli import EvalConfig
@@ -97,7 +97,7 @@ def evaluate_rank(
     """Evaluate this rank's share of `images`: (records, or none when they stream to `writer`;
     the part's footer: image ids and seconds)."""
     mine = images[env.rank :: env.world_size]
-    device = f"cuda:{env.local_rank}" if cfg.device == "cuda" else "cpu"
+    device = local_cuda_device(env) if cfg.device == "cuda" else "cpu"
     models = [load_model(cfg.ckpt, device)]
     if cfg.compare_ckpt:
         models.append(load_model(cfg.compare_ckpt, device))

@@ -1,7 +1,32 @@
 #!/usr/bin/env bash
 # Create .venv in the repository and install sam-distill with its dependencies. Safe to rerun.
+# --slurm: first install SLURM and munge (Debian's slurm-wlm, munge; needs root and apt-get),
+# which the tests of launch/slurm/ run a one-node cluster with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+slurm=0
+for arg in "$@"; do
+  case $arg in
+    --slurm) slurm=1 ;;
+    *) echo "usage: bash launch/setup_env.sh [--slurm]" >&2; exit 2 ;;
+  esac
+done
+if [ "$slurm" = 1 ]; then
+  missing=()
+  for bin in slurmctld slurmd sbatch srun scontrol munged; do
+    PATH=$PATH:/usr/sbin:/usr/local/sbin command -v "$bin" >/dev/null || missing+=("$bin")
+  done
+  if [ ${#missing[@]} = 0 ]; then
+    echo "SLURM found: $(PATH=$PATH:/usr/sbin:/usr/local/sbin slurmctld -V)"
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge
+  else
+    echo "--slurm: ${missing[*]} not found, and installing them needs root and apt-get." >&2
+    echo "Install SLURM and munge (Debian/Ubuntu: sudo apt-get install slurm-wlm munge), then rerun." >&2
+    exit 1
+  fi
+fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch and torchvision as one matched pair from the package index: a CPU-only torch from a local

@@ -12,7 +12,7 @@ from teachers.build import TEACHER_NAMES
 from teachers.cache import plan_cache, write_cache
 from teachers.cache_read import load_manifest, verify_cache
 from teachers.codecs import CODECS
-from teachers.runtime import dist_env
+from teachers.runtime import dist_env, local_cuda_device
 from teachers.teacher import DTYPES, load_teacher
 
 
@@ -144,7 +144,7 @@ def _run(cfg: CacheConfig) -> int:
     if cfg.verify is not None:
         return run_verify(cfg)
     env = dist_env()
-    device = f"cuda:{env.local_rank}" if cfg.device == "cuda" else "cpu"
+    device = local_cuda_device(env) if cfg.device == "cuda" else "cpu"
     plan = plan_cache(cfg.images, cfg.samples_per_shard, cfg.limit)
     teacher = load_teacher(
         cfg.teacher, cfg.teacher_ckpt, taps=cfg.layers, dtype=cfg.dtype, device=device

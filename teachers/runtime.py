@@ -40,3 +40,14 @@ def dist_env(env: dict[str, str] | None = None) -> DistEnv:
                 )
             return placed
     return DistEnv()
+
+
+def local_cuda_device(env: DistEnv) -> str:
+    """This process's GPU: cuda:LOCAL_RANK among the visible ones, wrapped around when SLURM or
+    CUDA_VISIBLE_DEVICES shows each process fewer GPUs than processes on the node."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ValueError("--device cuda: no CUDA device is visible")
+    return f"cuda:{env.local_rank % count}"
