@@ -85,8 +85,8 @@ def runner(sam, ds, images) -> tuple[list[float], float]:
     return ious, time.perf_counter() - start
 
 
+@torch.no_grad()
 def bench(args: argparse.Namespace) -> dict:
-    torch.set_grad_enabled(False)
     sam = build_model(args.arch, args.ckpt)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.coco_root or tmp)
