@@ -161,20 +161,20 @@ def finish(cfg: EvalConfig, summary: dict, records: list[dict]) -> dict:
 
 
 def _merge_world_size(out: str) -> int:
-    """World size of the parts of `out`: WORLD_SIZE (or SLURM's) if set, else the files'."""
-    env = os.environ
-    if "WORLD_SIZE" in env or "SLURM_NTASKS" in env:
-        return dist_env().world_size
+    """World size of the parts of `out`: the files' when they agree (a 1-task SLURM merge job
+    must not take its own SLURM_NTASKS), else WORLD_SIZE (or SLURM's) to choose among them."""
     found = {
         p.name.rsplit("-of-", 1)[1].split(".")[0]
         for p in Path(out).parent.glob(f"{Path(out).name}.rank*-of-*.jsonl")
     }
-    if len(found) != 1:
-        raise ValueError(
-            f"cannot tell the world size from part files of {out} (found {sorted(found) or 'none'});"
-            " set WORLD_SIZE"
-        )
-    return int(found.pop())
+    if len(found) == 1:
+        return int(found.pop())
+    if "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ:
+        return dist_env().world_size
+    raise ValueError(
+        f"cannot tell the world size from part files of {out} (found {sorted(found) or 'none'});"
+        " set WORLD_SIZE"
+    )
 
 
 def run(cfg: EvalConfig) -> dict | None:

@@ -252,9 +252,12 @@ def test_two_processes_equal_one(
     assert all(part_path(out, r, 2).is_file() for r in (0, 1)) and out.is_file()
     assert sum("instances/s over all processes" in log for log in logs) >= 1
     first = out.read_text()
-    # The explicit merge gives the same file.
+    # The explicit merge gives the same file, also as a 1-task SLURM job (the world size of the
+    # parts comes from their names, not from the merge job's SLURM_NTASKS).
     out.unlink()
-    _wait(_cli("lvis", *args, "--out", out, "--merge"))
+    _wait(
+        _cli("lvis", *args, "--out", out, "--merge", env={"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    )
     assert out.read_text() == first
     merged, alone = json.loads(out.read_text()), json.loads(single.read_text())
     assert _instances(out) == _instances(single)
