@@ -35,10 +35,9 @@ SHAPES = {c[0] for c in CATEGORIES} - {DOT, LINE}
 
 
 @pytest.fixture(scope="module")
-def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "coco"
-    make_coco(root)
-    return root
+def coco_root(eval_coco: Path) -> Path:
+    """The default generated COCO root, shared with the other eval tests (tests/eval/conftest.py)."""
+    return eval_coco
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +51,9 @@ def dataset(coco_json: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lvis_json(coco_root: Path) -> Path:
-    # Same coco_root as make_coco's, as LVIS images really live beside COCO's.
-    return make_lvis(coco_root.parent / "lvis", coco_root)
+def lvis_json(eval_lvis: Path) -> Path:
+    # make_lvis beside the COCO root, as LVIS images really live in COCO's folders.
+    return eval_lvis / "lvis_v1_val.json"
 
 
 def _quiet(fn, *args):
