@@ -102,7 +102,8 @@ def check_cache(cfg: DistillConfig) -> tuple[list[str], dict, str, str | None]:
     manifest = load_manifest(folder)
     teacher = cfg.teacher
     if cfg.teacher_ckpt is not None:
-        state = read_checkpoint(cfg.teacher_ckpt)
+        # Mapped, not read: only the patch embedding's width is looked at (ViT-H is 2.5 GB).
+        state = read_checkpoint(cfg.teacher_ckpt, mmap=True)
         found = sam_name_from_state(state, cfg.teacher_ckpt)
         if teacher not in (None, found):
             raise ValueError(

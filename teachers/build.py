@@ -126,13 +126,22 @@ def _last_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def safe_load(path: str | Path) -> object:
-    """`torch.load(path, weights_only=True)` on the CPU, with errors that name the file."""
+def safe_load(path: str | Path, mmap: bool = False) -> object:
+    """`torch.load(path, weights_only=True)` on the CPU, with errors that name the file.
+
+    mmap: map the tensors instead of reading them (for a look at a few keys of a large file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # Only zip-format files can be mapped; older ones are read whole.
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found is None:
@@ -147,9 +156,9 @@ def safe_load(path: str | Path) -> object:
         raise ValueError(f"{path}: not a readable torch checkpoint ({_last_line(err)})") from err
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Load a flat state dict with `weights_only=True`; refuse anything else with a clear error."""
-    return check_flat(safe_load(path), path)
+    return check_flat(safe_load(path, mmap), path)
 
 
 def check_flat(state: object, path: str | Path) -> dict[str, torch.Tensor]:

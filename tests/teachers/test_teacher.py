@@ -154,3 +154,9 @@ def test_meta_loading_restores_pixel_buffers(tiny_ckpt, tiny_sam):
     sam = load_sam_checkpoint("vit_tiny", tiny_ckpt)
     assert torch.equal(sam.pixel_mean, tiny_sam.pixel_mean)
     assert not any(t.is_meta for t in list(sam.parameters()) + list(sam.buffers()))
+
+
+def test_mapped_read_gives_the_same_tensors(tiny_ckpt):
+    mapped, read = read_checkpoint(tiny_ckpt, mmap=True), read_checkpoint(tiny_ckpt)
+    assert mapped.keys() == read.keys()
+    assert all(torch.equal(mapped[k], read[k]) for k in read)
