@@ -5,8 +5,9 @@ One run measures, on the same generated images, student and batch size:
   step          the student step alone on a batch already in memory (forward, losses, backward, AdamW)
   from cache    loader + step: what distillation from the cache runs at
   online        image decode + preprocess + teacher forward + step: distillation without a cache
-The teacher has random weights (timings do not depend on weights). Plain PyTorch AdamW stands in
-for the DeepSpeed engine, whose per-step overhead is the same in both set-ups.
+The teacher has random weights (timings do not depend on weights). Every step is the training
+engine's `step` (`distill.engine`, its plain-PyTorch variant: the DeepSpeed one adds the same
+per-step overhead to both set-ups), with the distillation loss of `distill.train`.
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ from pathlib import Path
 
 import torch
 
-from distill.data import DataSpec, StreamLayout, make_loader, resolve_shards
-from distill.losses import pair_losses, student_taps_for, weighted_loss
-from distill.train import DistillModel
-from eval.synthetic import make_coco
+from distill.config import DistillConfig
+from distill.data import DataSpec, StreamLayout, make_loader
+from distill.engine import build_engine
+from distill.losses import student_taps_for
+from distill.placement import DistEnv
+from distill.train import DistillLoss, DistillModel
 from students import build_student
 from teachers.build import TEACHER_SIZES, build_vit_tiny, sam_model_registry
 from teachers.cache import plan_cache, write_cache
+from teachers.cache_read import open_cache
+from teachers.flags import add_config_flags
 from teachers.preprocess import decode_image, preprocess, valid_mask
 from teachers.sources import list_sources, read_item
-from teachers.teacher import EMBED, Teacher, tap_name
+from teachers.teacher import Teacher
 
 
 @dataclass
@@ -83,62 +88,56 @@ def _interleaved(setups: dict, steps: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(cfg: BenchConfig) -> list[tuple[str, float]]:
-    torch.manual_seed(0)
-    out = Path(cfg.out)
-    teacher = random_teacher(cfg.teacher)
-    size = teacher.img_size
-    num_images = cfg.batch_size * 4
-    make_coco(out / "coco", num_images=num_images, seed=0, min_side=size // 2, max_side=size)
-    write_cache(
-        teacher,
-        plan_cache(str(out / "coco"), cfg.batch_size * 2),
-        out / "cache",
-        batch_size=cfg.batch_size,
-        progress=False,
-    )
-    shards, _ = resolve_shards(str(out / "cache"))
+def prepare(cfg: BenchConfig, images: str, teacher: Teacher) -> str:
+    """Cache `teacher`'s features of the images in `images` under OUT/cache; the cache folder."""
+    cache = Path(cfg.out) / "cache"
+    plan = plan_cache(images, cfg.batch_size * 2)
+    write_cache(teacher, plan, cache, batch_size=cfg.batch_size, progress=False)
+    return str(cache)
 
+
+def run(cfg: BenchConfig, images: str, teacher: Teacher) -> list[tuple[str, float]]:
+    """Images/s of each set-up, on the images in `images` and their cache (see `prepare`)."""
+    torch.manual_seed(0)
+    cache = open_cache(prepare(cfg, images, teacher))
+    size = teacher.img_size
     student = build_student(cfg.student, img_size=size)
     width, depth = TEACHER_SIZES[cfg.teacher]
-    model = DistillModel(
-        student, student_taps_for(list(teacher.taps), depth, len(student.blocks)), width
+    model = DistillModel(student, student_taps_for(cache.taps, depth, len(student.blocks)), width)
+    train_cfg = DistillConfig(
+        shards=str(cache.folder),
+        out=cfg.out,
+        engine="torch",
+        device="cpu",
+        steps=1 << 30,
+        batch_size=cfg.batch_size,
+        dld="uniform",
     )
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    weights = [1.0 / (len(teacher.taps) + 1)] * (len(teacher.taps) + 1)
+    engine = build_engine(
+        train_cfg, model, model.parameters(), DistillLoss(train_cfg, cache), DistEnv()
+    )
 
-    def step(batch: dict) -> None:
-        embed, taps = model(batch["image"])
-        losses = pair_losses(
-            embed, taps, batch[EMBED], [batch[tap_name(t)] for t in teacher.taps], batch["valid"]
-        )
-        optim.zero_grad()
-        weighted_loss(losses, weights).backward()
-        optim.step()
-
-    spec = DataSpec(shards, size, list(teacher.taps), cfg.batch_size)
-    layout = StreamLayout.choose(0, 1, 1, cfg.workers)
-    loader = iter(make_loader(spec, layout))
+    spec = DataSpec(cache.shards, size, cache.taps, cfg.batch_size)
+    loader = iter(make_loader(spec, StreamLayout.choose(0, 1, 1, cfg.workers)))
     fixed = next(loader)
-    items = list_sources(str(out / "coco"))
+    items = list_sources(images)
 
     def online() -> None:
         chosen = [items[int(i)] for i in torch.randint(len(items), (cfg.batch_size,))]
         pres = [preprocess(decode_image(read_item(it)[0]), size) for it in chosen]
         feats = teacher(torch.stack([p.image for p in pres]))
-        step(
-            {
-                "image": torch.stack([p.image for p in pres]),
-                "valid": torch.stack([valid_mask(p.input_hw, size) for p in pres]),
-                **feats,
-            }
-        )
+        batch = {
+            "image": torch.stack([p.image for p in pres]),
+            "valid": torch.stack([valid_mask(p.input_hw, size) for p in pres]),
+            **feats,
+        }
+        engine.step(iter([batch]))
 
     per_step = _interleaved(
         {
             "loader": lambda: next(loader),
-            "step": lambda: step(fixed),
-            "from cache": lambda: step(next(loader)),
+            "step": lambda: engine.step(iter([fixed])),
+            "from cache": lambda: engine.step(loader),
             "online teacher": online,
         },
         cfg.steps,
@@ -146,18 +145,15 @@ def run(cfg: BenchConfig) -> list[tuple[str, float]]:
     return [(name, cfg.batch_size / seconds) for name, seconds in per_step.items()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for name, default in vars(BenchConfig()).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    cfg = BenchConfig(**vars(p.parse_args(argv)))
-    print(
-        f"teacher {cfg.teacher} (random weights), student {cfg.student}, batch {cfg.batch_size}, "
-        f"{torch.get_num_threads()} threads, {cfg.workers} loader workers"
-    )
-    rates = dict(run(cfg))
+    add_config_flags(p, BenchConfig)
+    return BenchConfig(**vars(p.parse_args(argv)))
+
+
+def report(cfg: BenchConfig, rates: dict[str, float]) -> None:
     print("\n| set-up | images/s | vs online teacher |\n|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.2f} | {rate / rates['online teacher']:.2f}x |")
@@ -166,4 +162,3 @@ def main(argv: list[str] | None = None) -> int:
         "(above 1: the loader keeps up with training)"
     )
     print(f"from cache / online teacher: {rates['from cache'] / rates['online teacher']:.2f}x")
-    return 0

@@ -1,26 +1,42 @@
-"""The distillation run's configuration, and the DeepSpeed config derived from it."""
+"""Training-run configurations and the DeepSpeed config derived from them.
+
+`TrainConfig` holds what every training job shares (run folder, steps, batch layout, optimizer,
+precision, checkpoints, engine); each job's config adds its own fields to it (`DistillConfig`).
+The command-line flags are made from these fields, their defaults and their docstrings
+(`teachers.flags`): a default is stated here and nowhere else. Field metadata `choices` lists the
+accepted values of a field, which `__post_init__` checks for flags and JSON files alike.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from distill.schedule import DLD_MODES
 
 PRECISIONS = ("fp32", "bf16")
+ENGINES = ("deepspeed", "torch")
+
+
+def _check_choices(cfg: object) -> None:
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices is not None and value is not None and value not in choices:
+            raise ValueError(
+                f"--{f.name.replace('_', '-')} {value!r}: choose one of "
+                + ", ".join(str(c) for c in choices)
+            )
 
 
 @dataclass
-class DistillConfig:
-    """Everything one distillation run needs; stored in every checkpoint and in OUT/config.json."""
+class TrainConfig:
+    """What every training job on the engine (`distill.engine`) shares; stored in every
+    checkpoint and in OUT/config.json."""
 
-    shards: str = ""
-    """Cache folder (with manifest.json) or a glob of its shards."""
-    student: str = "dfa_s"
-    """Student registry name (see `students.list_students()`)."""
     out: str = ""
-    """Run folder: checkpoints, logs, plots and the exported student.pt."""
+    """Run folder: checkpoints, logs, plots and the exported model."""
     steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 8
@@ -37,109 +53,114 @@ class DistillConfig:
     """Final learning rate as a fraction of lr."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 disables)."""
-    dld: str = "progressive"
-    """Dynamic layer-wise weights: progressive, stepwise, final_only or uniform."""
-    dld_floor: float = 0.2
-    """Least weight of the final embedding (progressive, stepwise)."""
-    dld_every_epochs: float | None = None
-    """stepwise: epochs per pair; default spreads the pairs evenly over the run."""
-    teacher: str | None = None
-    """Expected teacher name; default read from --teacher-ckpt, else vit_h."""
-    teacher_ckpt: str | None = None
-    """Teacher checkpoint: its sha256 must match the cache; its prompt encoder and mask decoder
-    go into student.pt. Optional only for a vit_tiny cache made with random weights."""
-    teacher_taps: tuple[int, ...] | None = None
-    """Expected tapped teacher blocks; default the teacher's global-attention blocks."""
-    student_taps: tuple[int, ...] | None = None
-    """Student blocks paired with the teacher taps; default the same relative depths."""
-    img_size: int = 1024
-    """Expected cache image size (the student's input side)."""
-    codec: str | None = None
-    """Expected cache codec; None accepts any."""
-    precision: str = "fp32"
-    """fp32 or bf16 (DeepSpeed bf16: bf16 weights and activations, fp32 master weights)."""
-    zero_stage: int = 0
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
+    """fp32 or bf16 (bf16 activations, fp32 master weights)."""
+    zero_stage: int = field(default=0, metadata={"choices": (0, 1, 2)})
     """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    engine: str = field(default="deepspeed", metadata={"choices": ENGINES})
+    """Training engine: deepspeed (any number of processes, ZeRO) or torch (plain PyTorch, one
+    process)."""
     checkpoint_every: int = 500
-    """Steps between checkpoints (the last step always checkpoints)."""
+    """Steps between checkpoints (the last step, and a step where a signal stops the run, always
+    checkpoint)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (newest)."""
-    resume: str | None = None
-    """"auto": continue from the newest checkpoint in OUT; None: OUT must hold none."""
+    resume: str | None = field(default=None, metadata={"choices": ("auto",)})
+    """"auto": continue from the newest checkpoint in OUT; unset: OUT must hold none."""
     log_every: int = 10
     """Steps between console log lines (the CSV gets every step)."""
-    workers: int = 2
-    """Data loader workers per process."""
-    shuffle_buffer: int = 32
-    """Samples shuffled together within a shard."""
-    on_corrupt: str = "skip"
-    """A corrupt sample is skipped and counted ("skip") or stops the run ("stop")."""
     max_nonfinite: int = 20
     """Consecutive micro-batches with a non-finite loss that stop the run."""
     seed: int = 0
-    """Seed for the student's initialisation and the data streams."""
-    device: str = "auto"
+    """Seed for the model's initialisation and the data streams."""
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
     """auto, cpu or cuda."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
 
     def __post_init__(self) -> None:
-        if not self.shards:
-            raise ValueError("--shards is required (a cache folder or a glob of its shards)")
         if not self.out:
             raise ValueError("--out is required")
-        positive = (
-            "steps",
-            "batch_size",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-            "shuffle_buffer",
-        )
+        positive = ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
-        if self.dld not in DLD_MODES:
-            raise ValueError(f"--dld {self.dld!r}: choose one of {', '.join(DLD_MODES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
-            )
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"--zero-stage {self.zero_stage}: choose 0, 1 or 2")
-        if self.resume not in (None, "auto"):
-            raise ValueError(f"--resume {self.resume!r}: only 'auto' is supported")
-        if self.on_corrupt not in ("skip", "stop"):
-            raise ValueError(f"--on-corrupt {self.on_corrupt!r}: choose skip or stop")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device {self.device!r}: choose auto, cpu or cuda")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.engine == "torch" and self.zero_stage:
+            raise ValueError("--zero-stage needs --engine deepspeed")
+        _check_choices(self)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: object) -> DistillConfig:
+    def from_file(cls, path: str | Path, **overrides: object) -> TrainConfig:
         """Fields from a JSON file, then `overrides` (explicit command-line flags) on top."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"--config {path}: cannot read it as JSON ({err})") from err
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"--config {path}: unknown keys {unknown}")
         merged = data | overrides
-        for key in ("teacher_taps", "student_taps"):
-            if merged.get(key) is not None:
-                merged[key] = tuple(merged[key])
+        for key, value in merged.items():
+            if isinstance(value, list):
+                merged[key] = tuple(value)
         return cls(**merged)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def batch_layout(cfg: DistillConfig, world_size: int) -> tuple[int, int]:
+@dataclass
+class DistillConfig(TrainConfig):
+    """One distillation run: a student trained on a teacher-feature cache.
+
+    teacher, teacher_taps, img_size and codec are facts of the cache: left unset they are read
+    from its manifest.json; set, they must agree with it.
+    """
+
+    shards: str = ""
+    """Cache folder (with manifest.json) or a glob of its shards."""
+    student: str = "dfa_s"
+    """Student registry name (see `students.list_students()`)."""
+    dld: str = field(default="progressive", metadata={"choices": DLD_MODES})
+    """Dynamic layer-wise weights: progressive, stepwise, final_only or uniform."""
+    dld_floor: float = 0.2
+    """Least weight of the final embedding (progressive, stepwise)."""
+    dld_every_epochs: float | None = None
+    """stepwise: epochs per pair; default spreads the pairs evenly over the run."""
+    teacher: str | None = None
+    """Expected teacher name; default the cache's (checked against --teacher-ckpt when given)."""
+    teacher_ckpt: str | None = None
+    """Teacher checkpoint: its sha256 must match the cache; its prompt encoder and mask decoder
+    go into student.pt. Optional only for a vit_tiny cache made with random weights."""
+    teacher_taps: tuple[int, ...] | None = None
+    """Expected tapped teacher blocks; default the cache's."""
+    student_taps: tuple[int, ...] | None = None
+    """Student blocks paired with the teacher taps; default the same relative depths."""
+    img_size: int | None = None
+    """Expected cache image size (the student's input side); default the cache's."""
+    codec: str | None = None
+    """Expected cache codec; default the cache's."""
+    workers: int = 2
+    """Data loader workers per process."""
+    shuffle_buffer: int = 32
+    """Samples shuffled together within a shard."""
+    on_corrupt: str = field(default="skip", metadata={"choices": ("skip", "stop")})
+    """A corrupt sample is skipped and counted ("skip") or stops the run ("stop")."""
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("--shards is required (a cache folder or a glob of its shards)")
+        super().__post_init__()
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(micro-batch per process, accumulation steps) for the global batch over `world_size`."""
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
     if micro < 1 or cfg.batch_size % (micro * world_size):
@@ -150,10 +171,16 @@ def batch_layout(cfg: DistillConfig, world_size: int) -> tuple[int, int]:
     return micro, cfg.batch_size // (micro * world_size)
 
 
-def deepspeed_config(cfg: DistillConfig, world_size: int) -> dict:
-    """The DeepSpeed config for `cfg`: batch sizes stated once, here."""
-    micro, accum = batch_layout(cfg, world_size)
+def warmup_steps(cfg: TrainConfig) -> int:
+    """Warm-up length: the configured one, or 5% of the run (at least 1), never past the end."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
+    return min(warmup, cfg.steps)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config for `cfg`: batch sizes stated once, here. The learning rate is set
+    by the engine every step from `distill.schedule.lr_at`, so no DeepSpeed scheduler."""
+    micro, accum = batch_layout(cfg, world_size)
     return {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -161,16 +188,6 @@ def deepspeed_config(cfg: DistillConfig, world_size: int) -> dict:
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "zero_optimization": {"stage": cfg.zero_stage},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": cfg.steps,
-                "warmup_num_steps": min(warmup, cfg.steps),
-                "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": cfg.min_lr_ratio,
-            },
-        },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -22,15 +22,14 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 
 import torch
 import webdataset as wds
 
-from teachers.cache_read import decode_sample, load_manifest, shard_paths
+from distill.preempt import ignore_in_worker
+from teachers.cache_read import decode_sample
 from teachers.preprocess import decode_image, preprocess, valid_mask
-from teachers.sources import expand_spec
-from teachers.teacher import EMBED, tap_name
+from teachers.teacher import feature_names
 
 Position = tuple[int, int]  # (shards drawn before the current one, samples read from it)
 
@@ -88,6 +87,7 @@ class DataSpec:
     on_corrupt: str = "skip"  # or "stop"
     positions: dict[int, Position] = field(default_factory=dict)  # logical stream -> position
     first_micro_batch: int = 0  # micro-batches this rank consumed before (resume)
+    num_corrupt: int = 0  # corrupt samples this rank skipped before (resume)
 
 
 def _shard_split(shards: list[str], stream: int, total: int) -> list[str]:
@@ -172,7 +172,7 @@ class CacheStream(torch.utils.data.IterableDataset):
 
     def _decode(self, raw: dict) -> dict:
         sample = decode_sample(raw)
-        fields = [EMBED] + [tap_name(t) for t in self.spec.taps]
+        fields = feature_names(self.spec.taps)
         missing = [f for f in fields if f not in sample.features]
         if missing:
             raise ValueError(f"sample {sample.key!r} in {raw.get('__url__')} lacks {missing}")
@@ -197,18 +197,59 @@ def make_loader(spec: DataSpec, layout: StreamLayout) -> torch.utils.data.DataLo
         CacheStream(spec, layout),
         batch_size=None,
         num_workers=layout.num_workers,
+        worker_init_fn=ignore_in_worker,
         persistent_workers=False,
         prefetch_factor=2 if layout.num_workers else None,
     )
 
 
-def resolve_shards(spec: str) -> tuple[list[str], Path]:
-    """Shard paths of a cache folder or glob, and the folder holding manifest.json."""
-    paths = expand_spec(spec)
-    if len(paths) == 1 and paths[0].is_dir():
-        folder = paths[0]
-        return shard_paths(folder, load_manifest(folder)), folder
-    tars = [str(p) for p in paths if p.suffix == ".tar" and p.is_file()]
-    if not tars:
-        raise ValueError(f"--shards {spec!r} matched no shard files")
-    return tars, Path(tars[0]).parent
+class StreamTracker:
+    """A rank's micro-batches in training order, remembering what a checkpoint must hold to
+    continue exactly there: each stream's position, the micro-batches consumed, corrupt samples
+    skipped. Positions follow the batches handed out, not the ones the workers prefetched."""
+
+    def __init__(self, spec: DataSpec, layout: StreamLayout) -> None:
+        self.layout = layout
+        self.positions: dict[int, Position] = dict(spec.positions)
+        self.consumed, self.num_corrupt = spec.first_micro_batch, spec.num_corrupt
+        self._batches = iter(make_loader(spec, layout))
+
+    def __iter__(self) -> StreamTracker:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)
+        self.consumed += 1
+        self.positions[batch["stream"]] = tuple(batch["position"])
+        self.num_corrupt += int(batch["num_corrupt"])
+        return batch
+
+    def job_state(self) -> dict:
+        """What every rank shares: the layout the positions belong to, micro-batches consumed."""
+        layout = self.layout
+        return {
+            "layout": [layout.world_size, layout.accum, layout.subs],
+            "micro_batches": self.consumed,
+        }
+
+    def rank_state(self) -> dict:
+        return {"positions": dict(self.positions), "num_corrupt": self.num_corrupt}
+
+
+def restore_streams(
+    spec: DataSpec, layout: StreamLayout, job: dict | None, mine: dict | None, step: int
+) -> None:
+    """Put the data streams where a checkpoint left them (`StreamTracker.job_state` and this
+    rank's `rank_state`), or reseed them if processes, accumulation or workers changed."""
+    if job is None:
+        return
+    if job["layout"] == [layout.world_size, layout.accum, layout.subs] and mine is not None:
+        spec.positions = {int(k): tuple(v) for k, v in mine["positions"].items()}
+        spec.first_micro_batch, spec.num_corrupt = job["micro_batches"], mine["num_corrupt"]
+        return
+    print(
+        "WARNING: processes, accumulation or loader workers changed since the checkpoint: "
+        "the data streams restart with a new seed instead of at their saved position",
+        file=sys.stderr,
+    )
+    spec.seed += step

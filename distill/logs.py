@@ -6,6 +6,8 @@ import csv
 import math
 from pathlib import Path
 
+from tqdm import tqdm
+
 from distill.schedule import dld_weights
 
 
@@ -45,6 +47,54 @@ class StepLog:
     def read(path: Path) -> list[dict[str, str]]:
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
+
+
+class RunProgress:
+    """Rank 0's view of a run: a CSV/TensorBoard row per step, the progress bar, and a console
+    line every `log_every` steps and on the last. Other ranks keep a disabled bar only."""
+
+    def __init__(
+        self,
+        out: Path,
+        columns: list[str],
+        steps: int,
+        start: int,
+        rank: int,
+        *,
+        show_bar: bool = True,
+        log_every: int = 10,
+    ) -> None:
+        self.steps, self.log_every = steps, log_every
+        self.log = StepLog(out, columns, start) if rank == 0 else None
+        self.bar = tqdm(total=steps, initial=start, unit="step", disable=rank != 0 or not show_bar)
+
+    @classmethod
+    def of(cls, cfg, columns: list[str], start: int, rank: int) -> RunProgress:
+        """For a run of a `distill.config.TrainConfig` (steps, progress bar, log interval)."""
+        return cls(
+            Path(cfg.out),
+            columns,
+            cfg.steps,
+            start,
+            rank,
+            show_bar=cfg.progress,
+            log_every=cfg.log_every,
+        )
+
+    def step(self, step: int, values: dict[str, float], line: str, **postfix: str) -> None:
+        """Record step `step` (1-based): `values` go to the CSV, `line` to the console."""
+        self.bar.update(1)
+        if self.log is None:
+            return
+        self.log.write(step, values)
+        self.bar.set_postfix(postfix)
+        if step % self.log_every == 0 or step == self.steps:
+            self.bar.write(f"step {step}/{self.steps} {line}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def plot_run(out: Path, pair_names: list[str]) -> Path:

@@ -86,3 +86,24 @@ def dld_weights(
 def pair_every_from_epochs(epochs: float, steps_per_epoch: int, total_steps: int) -> float:
     """The stepwise period as a fraction of training, from a period in epochs."""
     return epochs * steps_per_epoch / max(total_steps, 1)
+
+
+def step_progress(step: int, steps: int) -> float:
+    """Training progress of step `step` (0-based) of a `steps`-step run, the one being taken: 0 on
+    the first step, 1 on the last, evenly between, so a schedule's end point is used. A one-step
+    run is all end: progress 1."""
+    if not 0 <= step < steps:
+        raise ValueError(f"step {step} is outside a {steps}-step run")
+    return step / (steps - 1) if steps > 1 else 1.0
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Learning rate of step `step` (0-based) of `steps`: linear warm-up reaching `peak` on step
+    `warmup - 1`, then cosine decay reaching `min_ratio * peak` on the last step (nanoGPT's
+    schedule, without the constant tail)."""
+    if not 0 <= step < steps:
+        raise ValueError(f"step {step} is outside a {steps}-step run")
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup + 1) / (steps - warmup)
+    return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t)))

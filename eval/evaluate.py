@@ -1,6 +1,6 @@
 """One evaluation run, from a config to the printed table and the output JSON.
 
-Every process (rank from `teachers.runtime.dist_env`) selects the same images, evaluates its
+Every process (rank from `distill.placement.dist_env`) selects the same images, evaluates its
 share (image i -> rank i % world_size) and, with several processes, writes a part file; the
 process that finds every part present merges them (with torch.distributed initialised: rank 0
 after a barrier), and `--merge` does it later by hand. See eval.parts for why the merged figures
@@ -14,10 +14,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from distill.placement import DistEnv, dist_env, local_cuda_device
+from eval.config import EvalConfig
 from eval.datasets import (
     EvalDataset,
     EvalImage,
@@ -33,10 +34,6 @@ from eval.parts import PartWriter, missing_parts, part_path, read_parts, write_j
 from eval.report import det_figures, format_table, gt_figures
 from eval.runner import Task, load_model, run_images
 from eval.vis import Overlays
-from teachers.runtime import DistEnv, dist_env, local_cuda_device
-
-if TYPE_CHECKING:
-    from eval.cli import EvalConfig
 
 MAX_LISTED_MISSING = 100
 

@@ -13,7 +13,12 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 sys.path.insert(0, str(_here.parent))
 
-from teachers.cache_cli import main  # noqa: E402
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # Listen before torch loads (distill.preempt is standard library only): a SLURM signal during
+    # the slow start-up is then recorded and answered at the first safe point, not fatal.
+    from distill.preempt import StopRequest
+
+    stop = StopRequest().listen()
+    from teachers.cache_cli import main
+
+    sys.exit(main(stop=stop))

@@ -52,10 +52,6 @@ def distill(out: Path, steps: int, processes: int) -> list[dict[str, str]]:
         str(out / "run"),
         "--student",
         "dfa_t",
-        "--teacher",
-        "vit_tiny",
-        "--img-size",
-        "256",
         "--steps",
         str(steps),
         "--batch-size",
@@ -108,6 +104,33 @@ def evaluate(out: Path) -> dict:
     return json.loads((out / "eval.json").read_text())
 
 
+def cache_stage(out: Path) -> tuple[dict, object, int, str]:
+    """Cache the demo teacher's features, verify them; (manifest, report, bytes, shapes)."""
+    print(
+        "The demo teacher is vit_tiny with RANDOM weights: its features, and any mIoU measured "
+        "against them, mean nothing beyond showing that the pipeline runs."
+    )
+    teacher = load_teacher("vit_tiny", taps=(1, 3))
+    plan = plan_cache(str(out / "coco"), samples_per_shard=8)
+    manifest = write_cache(teacher, plan, out / "cache", codec="fp16", batch_size=4)
+    report = verify_cache(out / "cache", teacher, num_recompute=4)
+    num_bytes = sum((out / "cache" / s["name"]).stat().st_size for s in manifest["shards"])
+    sample = next(read_cache(out / "cache", teacher="vit_tiny", codec="fp16"))
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sample.features.items())
+    return manifest, report, num_bytes, shapes
+
+
+NEXT_STEPS = (
+    "\nThe demo teacher has RANDOM weights: ground-truth mIoU means nothing here; teacher agreement "
+    "shows that the student learned to reproduce its teacher.\n"
+    "\nThe same with SAM ViT-H on SA-1B (sam_vit_h_4b8939.pth):\n"
+    "  python launch/cache_teacher.py --teacher vit_h --teacher-ckpt sam_vit_h_4b8939.pth \\\n"
+    "      --images '/data/sa1b/sa_{000020..000029}.tar' --out /data/cache/vit_h\n"
+    "  deepspeed launch/distill.py --shards /data/cache/vit_h --student dfa_s --out runs/dfa_s \\\n"
+    "      --teacher-ckpt sam_vit_h_4b8939.pth --steps 20000 --batch-size 64 --precision bf16"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,17 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.num_images} images with exact instance masks: {ann}")
 
     banner("2. teacher-feature cache")
-    print(
-        "The demo teacher is vit_tiny with RANDOM weights: its features, and any mIoU measured "
-        "against them, mean nothing beyond showing that the pipeline runs."
-    )
-    teacher = load_teacher("vit_tiny", taps=(1, 3))
-    plan = plan_cache(str(out / "coco"), samples_per_shard=8)
-    manifest = write_cache(teacher, plan, out / "cache", codec="fp16", batch_size=4)
-    report = verify_cache(out / "cache", teacher, num_recompute=4)
-    num_bytes = sum((out / "cache" / s["name"]).stat().st_size for s in manifest["shards"])
-    sample = next(read_cache(out / "cache", teacher="vit_tiny", codec="fp16"))
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sample.features.items())
+    manifest, report, num_bytes, shapes = cache_stage(out)
 
     banner("3. distillation (DeepSpeed, CPU)")
     log = distill(out, args.steps, args.processes)
@@ -207,17 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, value in rows:
         print(f"{name:>20}  {value}")
-    print(
-        "\nThe demo teacher has RANDOM weights: ground-truth mIoU means nothing here; teacher agreement "
-        "shows that the student learned to reproduce its teacher."
-    )
-    print(
-        "\nThe same with SAM ViT-H on SA-1B (sam_vit_h_4b8939.pth):\n"
-        "  python launch/cache_teacher.py --teacher vit_h --teacher-ckpt sam_vit_h_4b8939.pth \\\n"
-        "      --images '/data/sa1b/sa_{000020..000029}.tar' --out /data/cache/vit_h\n"
-        "  deepspeed launch/distill.py --shards /data/cache/vit_h --student dfa_s --out runs/dfa_s \\\n"
-        "      --teacher-ckpt sam_vit_h_4b8939.pth --steps 20000 --batch-size 64 --precision bf16"
-    )
+    print(NEXT_STEPS)
     return 0 if report.ok else 1
 
 

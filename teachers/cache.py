@@ -17,6 +17,8 @@ Sample fields (key `__key__`):
 Inputs are sorted by key and cut into consecutive shards of `samples_per_shard`; shard i belongs
 to rank i % world_size. A shard is written to `<name>.partial` and appears by atomic rename, so a
 crash leaves no half shard, and a rerun skips finished shards: no sample is ever written twice.
+On a stop request (SIGUSR1/SIGTERM, see distill/preempt.py) the writer finishes the teacher batch
+in hand, drops the shard in progress, updates the manifest and raises `Preempted`.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from distill.placement import DistEnv, dist_env
+from distill.preempt import Preempted, StopRequest, ignore_in_worker
 from teachers import codecs
 from teachers.build import file_sha256
 from teachers.preprocess import PREPROCESS_VERSION, decode_image, preprocess
-from teachers.runtime import DistEnv, dist_env
 from teachers.sources import SourceItem, list_sources, read_item
-from teachers.teacher import EMBED, Teacher, tap_name
+from teachers.teacher import EMBED, Teacher
 
 MANIFEST = "manifest.json"
 RUN = "run.json"
@@ -62,12 +65,26 @@ class CacheRun:
     format_version: int = FORMAT_VERSION
 
 
+SHARD_PREFIX, SHARD_DIGITS = "shard-", 6
+
+
 def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
+    """File name of shard `index`: shard-NNNNNN.tar."""
+    return f"{SHARD_PREFIX}{index:0{SHARD_DIGITS}d}.tar"
+
+
+def shard_index(name: str) -> int:
+    """The index in a shard's file name (the inverse of `shard_name`)."""
+    stem = Path(name).name.removesuffix(".tar")
+    digits = stem.removeprefix(SHARD_PREFIX)
+    if stem == digits or not digits.isdigit():
+        raise ValueError(f"{name!r} is not a shard name ({shard_name(0)}, ...)")
+    return int(digits)
 
 
 def record_path(out: Path, index: int) -> Path:
-    return out / f"shard-{index:06d}.json"
+    """The per-shard record beside shard `index`: shard-NNNNNN.json."""
+    return out / shard_name(index).replace(".tar", ".json")
 
 
 def channel_axis(field: str) -> int:
@@ -216,6 +233,11 @@ class _ShardWriter:
         }
         write_json_atomic(record_path(self.out, self.index), record)
 
+    def discard(self) -> None:
+        """Close and delete the unfinished shard: it never gets its final name."""
+        self.writer.close()
+        self.partial.unlink(missing_ok=True)
+
 
 @dataclass
 class CachePlan:
@@ -253,8 +275,13 @@ def write_cache(
     workers: int = 0,
     env: DistEnv | None = None,
     progress: bool = True,
+    stop: StopRequest | None = None,
 ) -> dict:
-    """Cache `teacher`'s features for this rank's shards of `plan` in OUT; return the manifest."""
+    """Cache `teacher`'s features for this rank's shards of `plan` in OUT; return the manifest.
+
+    With `stop`, a request seen after a teacher batch drops the shard in progress (finished ones
+    stay), updates the manifest and raises `Preempted`; a rerun redoes only the dropped shards.
+    """
     if codec not in codecs.CODECS:
         raise ValueError(f"--codec {codec!r}: choose one of {', '.join(codecs.CODECS)}")
     env = env or dist_env()
@@ -281,11 +308,15 @@ def write_cache(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
+        worker_init_fn=ignore_in_worker,
     )
     device = next(teacher.parameters()).device
     bar = tqdm(total=len(items), unit="img", desc=f"cache rank {env.rank}", disable=not progress)
     shards = iter(todo)
     writer: _ShardWriter | None = None
+    num_done = num_finished = 0
+    if stop is not None and stop.requested and items:  # came while the teacher loaded
+        _leave(out, run, plan, env, writer, num_finished, stop.signal)
     for batch in loader:
         feats = teacher(torch.stack([r["x"] for r in batch]).to(device))
         for j, rec in enumerate(batch):
@@ -296,11 +327,33 @@ def write_cache(
             )
             if len(writer.keys) == len(plan.shard_items(writer.index)):
                 writer.finish()
-                writer = None
+                writer, num_finished = None, num_finished + 1
         bar.update(len(batch))
+        num_done += len(batch)
+        if stop is not None and stop.requested and num_done < len(items):
+            bar.close()
+            _leave(out, run, plan, env, writer, num_finished, stop.signal)
     bar.close()
     return update_manifest(out, run, plan.num_shards)
 
 
-def stored_fields(taps: list[int]) -> list[str]:
-    return [EMBED] + [tap_name(t) for t in taps]
+def _leave(
+    out: Path,
+    run: CacheRun,
+    plan: CachePlan,
+    env: DistEnv,
+    writer: _ShardWriter | None,
+    num_finished: int,
+    signal: str | None,
+) -> None:
+    """Drop the shard in progress, record the finished ones, raise `Preempted`."""
+    dropped = ""
+    if writer is not None:
+        writer.discard()
+        dropped = f"; dropped the unfinished {writer.final.name}, which a rerun redoes"
+    manifest = update_manifest(out, run, plan.num_shards)
+    raise Preempted(
+        f"rank {env.rank}/{env.world_size}: {signal} received: stopped after finishing "
+        f"{num_finished} shard(s) in this run{dropped}; {out} has {len(manifest['shards'])} of "
+        f"{manifest['num_shards']} shards: rerun the same command to finish it"
+    )

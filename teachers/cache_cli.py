@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from distill.placement import dist_env, local_cuda_device
+from distill.preempt import REQUEUE_EXIT, Preempted, StopRequest
 from teachers.build import TEACHER_NAMES
 from teachers.cache import plan_cache, write_cache
 from teachers.cache_read import load_manifest, verify_cache
 from teachers.codecs import CODECS
-from teachers.runtime import dist_env, local_cuda_device
+from teachers.flags import add_config_flags
 from teachers.teacher import DTYPES, load_teacher
 
 
@@ -20,7 +22,7 @@ from teachers.teacher import DTYPES, load_teacher
 class CacheConfig:
     """Settings of one caching (or verify) run."""
 
-    teacher: str = "vit_h"
+    teacher: str = field(default="vit_h", metadata={"choices": TEACHER_NAMES})
     """Teacher architecture: vit_h, vit_l, vit_b, or vit_tiny (tests and demo)."""
     teacher_ckpt: str | None = None
     """Official SAM checkpoint file (flat state dict); optional only for vit_tiny."""
@@ -30,7 +32,7 @@ class CacheConfig:
     """Output folder for shards and manifest.json."""
     layers: tuple[int, ...] | None = None
     """Tapped teacher blocks; None = the teacher's global-attention blocks."""
-    codec: str = "fp16"
+    codec: str = field(default="fp16", metadata={"choices": CODECS})
     """Storage codec for features: fp16, bf16 or int8 (per-token scale)."""
     samples_per_shard: int = 256
     """Samples per shard: ViT-H with 4 taps at fp16 is about 44 MB a sample."""
@@ -38,14 +40,18 @@ class CacheConfig:
     """Images per teacher forward."""
     workers: int = 2
     """DataLoader workers decoding and resizing images."""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = field(
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        metadata={"choices": ("cpu", "cuda")},
+    )
     """cpu or cuda; with several processes per node, cuda means cuda:LOCAL_RANK."""
-    dtype: str = "fp32"
+    dtype: str = field(default="fp32", metadata={"choices": tuple(DTYPES)})
     """Teacher compute dtype: fp32 or bf16."""
     limit: int | None = None
     """Cache only the first N inputs (in key order)."""
-    verify: int | None = None
-    """Verify mode: re-check sha256 and counts, and recompute this many random samples."""
+    verify: int | None = field(default=None, metadata={"nargs": "?", "const": 8, "metavar": "N"})
+    """Verify OUT instead of caching: re-check sha256 and counts, and recompute this many random
+    samples (8 with a bare --verify)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -70,43 +76,14 @@ class CacheConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"--layers expects comma-separated block indices, got {text!r}"
-        ) from err
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_config_flags(p, CacheConfig)
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> CacheConfig:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--teacher", default="vit_h", choices=TEACHER_NAMES)
-    p.add_argument("--teacher-ckpt", help="official SAM checkpoint (.pth)")
-    p.add_argument(
-        "--images", default="", help="SPEC: folder, glob, tars (brace patterns) or COCO root"
-    )
-    p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument(
-        "--layers", type=_layers, help="tapped blocks, e.g. 7,15,23,31 (default: global blocks)"
-    )
-    p.add_argument("--codec", default="fp16", choices=CODECS)
-    p.add_argument("--samples-per-shard", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2, help="image decoding workers")
-    p.add_argument("--device", default=CacheConfig.device, choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="teacher compute dtype")
-    p.add_argument("--limit", type=int, help="cache only the first N inputs")
-    p.add_argument(
-        "--verify",
-        type=int,
-        nargs="?",
-        const=8,
-        metavar="N",
-        help="verify OUT instead of caching; recompute N random samples (default 8)",
-    )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return CacheConfig(**vars(p.parse_args(argv)))
+    return CacheConfig(**vars(build_parser().parse_args(argv)))
 
 
 def run_verify(cfg: CacheConfig) -> int:
@@ -131,16 +108,20 @@ def run_verify(cfg: CacheConfig) -> int:
     return 0 if report.ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user mistakes (bad flags, files, settings) print one line and return 2."""
+def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
+    """Run the CLI; user mistakes (bad flags, files, settings) print one line and return 2. With
+    `stop` listening, a signal saves the finished shards and returns `REQUEUE_EXIT` (75)."""
     try:
-        return _run(parse_args(argv))
+        return _run(parse_args(argv), stop)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(err, file=sys.stderr, flush=True)
+        return REQUEUE_EXIT
 
 
-def _run(cfg: CacheConfig) -> int:
+def _run(cfg: CacheConfig, stop: StopRequest | None = None) -> int:
     if cfg.verify is not None:
         return run_verify(cfg)
     env = dist_env()
@@ -158,6 +139,7 @@ def _run(cfg: CacheConfig) -> int:
         workers=cfg.workers,
         env=env,
         progress=cfg.progress,
+        stop=stop,
     )
     done = len(manifest["shards"])
     print(

@@ -14,10 +14,10 @@ import webdataset as wds
 
 from teachers import codecs
 from teachers.build import file_sha256
-from teachers.cache import MANIFEST, channel_axis, record_path
+from teachers.cache import MANIFEST, channel_axis, record_path, shard_index, shard_name
 from teachers.preprocess import decode_image, preprocess
-from teachers.sources import IMAGE_EXTS
-from teachers.teacher import EMBED, Teacher, tap_name
+from teachers.sources import IMAGE_EXTS, expand_spec
+from teachers.teacher import Teacher, feature_names
 
 
 @dataclass
@@ -71,13 +71,77 @@ def shard_paths(cache_dir: str | Path, manifest: dict) -> list[str]:
     return [str(Path(cache_dir) / s["name"]) for s in manifest["shards"]]
 
 
+@dataclass(frozen=True)
+class CacheInfo:
+    """A cache's shards and the teacher's facts its manifest records.
+
+    shards: the shard files to read (all of the manifest's, or those a glob chose).
+    features: the stored feature names ("embed", then "block{i}" per tap).
+    """
+
+    folder: Path
+    shards: list[str]
+    teacher: str
+    teacher_sha256: str
+    taps: list[int]
+    img_size: int
+    codec: str
+    features: list[str]
+    num_samples: int
+    complete: bool
+    manifest: dict
+
+    @property
+    def facts(self) -> dict[str, object]:
+        """The facts a run may state and must then agree with: teacher, taps, img_size, codec."""
+        return {
+            "teacher": self.teacher,
+            "taps": self.taps,
+            "img_size": self.img_size,
+            "codec": self.codec,
+        }
+
+
+def open_cache(spec: str | Path) -> CacheInfo:
+    """Open a cache folder (with manifest.json) or a glob of its shards: its shards and facts."""
+    paths = expand_spec(str(spec))
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        manifest = load_manifest(folder)
+        shards = shard_paths(folder, manifest)
+    else:
+        shards = [str(p) for p in paths if p.suffix == ".tar" and p.is_file()]
+        if not shards:
+            raise ValueError(f"--shards {str(spec)!r} matched no shard files")
+        folder = Path(shards[0]).parent
+        manifest = load_manifest(folder)
+    try:
+        return CacheInfo(
+            folder=folder,
+            shards=shards,
+            teacher=manifest["teacher"],
+            teacher_sha256=manifest["teacher_sha256"],
+            taps=list(manifest["taps"]),
+            img_size=int(manifest["img_size"]),
+            codec=manifest["codec"],
+            features=feature_names(manifest["taps"]),
+            num_samples=int(manifest["num_samples"]),
+            complete=bool(manifest["complete"]),
+            manifest=manifest,
+        )
+    except KeyError as err:
+        raise ValueError(
+            f"{folder / MANIFEST} lacks the key {err}: not a manifest of this cache format"
+        ) from err
+
+
 def decode_sample(raw: dict) -> CacheSample:
     """Decode a raw WebDataset sample (bytes values) from a cache shard."""
     key = raw["__key__"]
     try:
         meta = json.loads(raw["json"])
         ext = next(e for e in IMAGE_EXTS if e in raw)
-        fields = [EMBED] + [tap_name(t) for t in meta["taps"]]
+        fields = feature_names(meta["taps"])
         features = {}
         for name in fields:
             stored = {"q": codecs.from_npy_bytes(raw[f"{name}.npy"])}
@@ -174,7 +238,7 @@ def verify_cache(
     report = VerifyReport()
     listed = {s["name"] for s in manifest["shards"]}
     for i in range(manifest["num_shards"]):
-        name = f"shard-{i:06d}.tar"
+        name = shard_name(i)
         if name not in listed:
             report.bad_shards[name] = "not finished (rerun the caching command)"
     for entry in manifest["shards"]:
@@ -197,7 +261,7 @@ def verify_cache(
     keys = [
         (e["name"], k)
         for e in good
-        for k in json.loads(record_path(cache_dir, int(e["name"][6:12])).read_text())["keys"]
+        for k in json.loads(record_path(cache_dir, shard_index(e["name"])).read_text())["keys"]
     ]
     chosen = set(random.Random(seed).sample(keys, min(num_recompute, len(keys))))
     urls = sorted({str(cache_dir / name) for name, _ in chosen})

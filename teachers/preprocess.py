@@ -62,11 +62,6 @@ def load_image(path: str | Path) -> np.ndarray:
     return decode_image(path.read_bytes(), str(path))
 
 
-def resized_hw(orig_hw: tuple[int, int], img_size: int) -> tuple[int, int]:
-    """(h, w) after resizing the long side of `orig_hw` to `img_size`, rounded as SAM does."""
-    return ResizeLongestSide.get_preprocess_shape(orig_hw[0], orig_hw[1], img_size)
-
-
 def preprocess(image: np.ndarray, img_size: int = 1024) -> Preprocessed:
     """Resize, normalise and pad one [H, W, 3] uint8 RGB image for a SAM-style encoder.
 

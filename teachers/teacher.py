@@ -27,6 +27,12 @@ def tap_name(block: int) -> str:
     return f"block{block}"
 
 
+def feature_names(taps: list[int] | tuple[int, ...]) -> list[str]:
+    """Every feature a teacher with these taps outputs and a cache sample stores: the final
+    embedding first, then the tapped blocks in tap order."""
+    return [EMBED] + [tap_name(t) for t in taps]
+
+
 class Teacher(nn.Module):
     """A frozen SAM image encoder.
 

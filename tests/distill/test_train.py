@@ -1,10 +1,13 @@
 """The distillation entry point, run for real (subprocesses, DeepSpeed on CPU with gloo)."""
 
 import csv
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -207,8 +210,11 @@ def test_manifest_mismatch_stops_before_training(cache, tmp_path):
     result = _run(*args, "--teacher", "vit_tiny", "--img-size", "1024", check=False)
     assert result.returncode == 2
     assert "img_size: cache has 256, expected 1024" in result.stderr
-    result = _run(*args, check=False)  # default teacher vit_h
+    result = _run(*args, "--teacher", "vit_h", check=False)
     assert "teacher: cache has 'vit_tiny', expected 'vit_h'" in result.stderr
+    result = _run(*args, "--teacher-taps", "2", "--codec", "int8", check=False)
+    assert "taps: cache has [1, 3], expected [2]" in result.stderr
+    assert "codec: cache has 'fp16', expected 'int8'" in result.stderr
     assert not (out / "checkpoints").exists() and not (out / "log.csv").exists()
 
 
@@ -256,3 +262,102 @@ def test_nan_loss_never_reaches_the_weights(cache, tmp_path):
     assert all(np.isfinite(float(r["loss_total"])) for r in rows)
     state = load_sam(out / "student.pt").image_encoder.state_dict()
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+SIGNALLER = textwrap.dedent(
+    """
+    import os, runpy, signal, sys
+    sys.path.insert(0, {repo!r})
+    import distill.logs
+    write = distill.logs.StepLog.write
+    def write_then_signal(self, step, values):
+        write(self, step, values)  # rank 0 only: the other ranks learn of it through the step
+        if step == {signal_at}:
+            os.kill(os.getpid(), signal.SIGUSR1)
+    distill.logs.StepLog.write = write_then_signal
+    import distill.engine
+    save = distill.engine.DeepSpeedEngine._save_files
+    def save_under_fire(self, *args):
+        if self.stop.requested:  # the save the signal asked for: a second signal meanwhile
+            os.kill(os.getpid(), signal.SIGTERM)
+        save(self, *args)
+    distill.engine.DeepSpeedEngine._save_files = save_under_fire
+    sys.argv = ["launch/distill.py", *sys.argv[1:]]
+    runpy.run_path("launch/distill.py", run_name="__main__")
+    """
+)
+
+
+def _weights(out):
+    return load_sam(out / "student.pt").image_encoder.state_dict()
+
+
+def _assert_same_run(a, b):
+    wa, wb = _weights(a), _weights(b)
+    for key in wb:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=1e-5)
+    assert [int(r["step"]) for r in _log(a)] == [int(r["step"]) for r in _log(b)]
+
+
+def test_sigusr1_saves_at_that_step_exits_75_and_resume_ends_like_an_uninterrupted_run(
+    cache, tmp_path
+):
+    """One process, the signal sent from outside once training is under way."""
+    args = ["--shards", str(cache), "--steps", "40", "--batch-size", "2", *BASE]
+    args += ["--checkpoint-every", "1000"]  # any checkpoint before the end comes from the signal
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "launch/distill.py", *args, "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=unplaced_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not ((out / "log.csv").exists() and len(_log(out)) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert time.monotonic() - sent < 15
+    stopped = int(re.search(r"stopped at step (\d+) of 40 on SIGUSR1", stderr)[1])
+    assert 3 <= stopped < 40
+    assert (out / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+    assert [int(r["step"]) for r in _log(out)] == list(range(1, stopped + 1))
+    assert not (out / "student.pt").exists()
+
+    resumed = _run(*args, "--out", str(out), "--resume", "auto")
+    assert f"at step {stopped}" in resumed.stdout
+    _run(*args, "--out", str(tmp_path / "straight"))
+    _assert_same_run(out, tmp_path / "straight")
+
+
+def test_sigusr1_to_one_of_two_deepspeed_ranks_stops_both_at_the_same_step(cache, tmp_path):
+    """Rank 0 signals itself after step 5: both ranks agree to stop after step 6, save it (not a
+    multiple of --checkpoint-every 4), and exit with the requeue status; a second signal while
+    saving changes nothing."""
+    args = ["--shards", str(cache), "--steps", "10", "--batch-size", "4", *BASE]
+    args += ["--checkpoint-every", "4", "--zero-stage", "1"]
+    wrapper = tmp_path / "signaller.py"
+    wrapper.write_text(SIGNALLER.format(repo=str(REPO), signal_at=5))
+    out = tmp_path / "stopped"
+    env = unplaced_env()
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29733", str(wrapper), *args]
+    tic = time.monotonic()
+    result = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 75, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "rank 0: stopped at step 6 of 10 on SIGUSR1" in log
+    assert "rank 1: stopped at step 6 of 10 on a signal to another process" in log
+    assert (out / "checkpoints" / "latest").read_text() == "step00000006"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == [
+        "step00000004",
+        "step00000006",
+    ]
+    assert time.monotonic() - tic < 300
+
+    _run(*args, "--out", str(out), "--resume", "auto", launcher="deepspeed")
+    _run(*args, "--out", str(tmp_path / "straight"), launcher="deepspeed")
+    _assert_same_run(out, tmp_path / "straight")

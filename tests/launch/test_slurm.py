@@ -1,8 +1,10 @@
 """The SLURM batch scripts (launch/slurm/), submitted to a real one-node cluster (see conftest.py).
 
 On tiny generated data: caching with 2 tasks, distillation with 2 tasks, evaluation with 2 tasks,
-then a distillation cancelled midway and resubmitted, and one requeued (as the script does near
-its time limit), both of which must resume from their checkpoint.
+then a distillation cancelled midway and resubmitted, which must resume from its checkpoint, and
+a distillation and a caching job sent USR1 mid-run (as SLURM does near the time limit), which
+must save, requeue themselves and end as if never stopped; one signalled before it saved
+anything must not requeue.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import csv
 import json
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from eval.synthetic import make_coco
-from students.export import read_export_meta
+from students.export import load_sam, read_export_meta
+from teachers.cache import plan_cache
 from tests.conftest import REPO
 from tests.launch.slurm_cluster import FINISHED
 
@@ -76,16 +81,6 @@ def wait_for_checkpoint(slurm, run: Path, job_id: str, timeout: float = 180) -> 
         assert state in ("PENDING", "RUNNING"), f"job {job_id} {state} before its first checkpoint"
         assert time.monotonic() < deadline, f"no checkpoint in {run} after {timeout} s"
         time.sleep(0.2)
-
-
-def wait_for_log(slurm, work: Path, job_id: str, text: str, timeout: float = 120) -> None:
-    path = work / "logs" / f"sam-distill-{job_id}.out"
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and text in path.read_text()):
-        state = slurm.job(job_id)["JobState"]
-        assert state in ("PENDING", "RUNNING"), f"job {job_id} {state} before logging {text!r}"
-        assert time.monotonic() < deadline, f"{path} lacks {text!r} after {timeout} s"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -185,30 +180,223 @@ def test_cancelled_distill_job_resumes_when_resubmitted(slurm, work, cache):
     assert "resumed from" not in log_of(work, "sam-distill", first)
 
 
-def test_requeued_distill_job_resumes_under_the_same_job_id(slurm, work, cache):
-    """USR1 to the batch shell is what `#SBATCH --signal=B:USR1@300` sends before the time
-    limit: with a new checkpoint the script requeues its job, which restarts, appends to its log
-    and resumes; without one (nothing to keep) it goes on running instead."""
-    folder, env, args = _long_run(work, cache, "requeued")
-    job_id = submit(slurm, work, "distill.sbatch", env, ["--ntasks", "2"], args)
-    wait_for_log(slurm, work, job_id, f"job {job_id} (restart 0)")  # printed once USR1 is trapped
-    assert not (folder / "checkpoints" / "latest").exists()
-    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    wait_for_log(slurm, work, job_id, "no checkpoint since the start, not requeueing")
+# --- save and leave on USR1 (the time-limit warning), requeued ---------------------------------
 
-    wait_for_checkpoint(slurm, folder, job_id)
+SLOWER = textwrap.dedent(
+    """
+    # PYTHON for the batch scripts: the entry point in argv[1] with sleeps in it, so that a test
+    # signals it at a known point. Sleep lengths come from the job's environment.
+    import os, runpy, sys, time
+    sys.path.insert(0, {repo!r})
+    sleep = lambda name: time.sleep(float(os.environ.get(name, "0")))
+    if sys.argv[1].endswith("distill.py"):
+        import distill.logs as logs
+        write_row = logs.StepLog.write
+        def write_row_slowly(self, step, values):
+            write_row(self, step, values)
+            sleep("SLEEP_AFTER_STEP")
+        logs.StepLog.write = write_row_slowly
+    else:
+        import teachers.cache as cache
+        write, finish = cache._ShardWriter.write, cache._ShardWriter.finish
+        def write_slowly(self, sample):
+            write(self, sample)
+            print("wrote", sample["__key__"], "to", self.partial.name, flush=True)
+            sleep("SLEEP_AFTER_SAMPLE")
+        def finish_slowly(self):
+            finish(self)
+            sleep("SLEEP_AFTER_SHARD")
+        cache._ShardWriter.write, cache._ShardWriter.finish = write_slowly, finish_slowly
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+STOPPED = re.compile(r"rank 0: stopped at step (\d+) of (\d+)")
+REQUEUE_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def slow_python(work) -> str:
+    """An executable for PYTHON that runs the entry point through SLOWER."""
+    (work / "slower.py").write_text(SLOWER.format(repo=str(REPO)))
+    wrapper = work / "python-slower"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {work / "slower.py"} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def wait_until(slurm, job_id: str, what: str, check, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        state = slurm.job(job_id)["JobState"]
+        assert state in ("PENDING", "RUNNING"), f"job {job_id} {state} before {what}"
+        assert time.monotonic() < deadline, f"job {job_id}: no {what} after {timeout} s"
+        time.sleep(0.1)
+
+
+def usr1_until_requeued(slurm, job_id: str) -> dict[str, str]:
+    """Send USR1 to the batch shell, as `#SBATCH --signal=B:USR1@300` does before the time
+    limit; the job should save, requeue itself and wait (PENDING) for its next run."""
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = slurm.wait(job_id, until=("PENDING", *FINISHED))
+    job = slurm.wait(job_id, until=("PENDING", *FINISHED), timeout=120)
     assert (job["JobState"], job["Restarts"]) == ("PENDING", "1"), job
-    # SLURM holds a requeued job for about two minutes (its launch credential's lifetime) and we
-    # wait it out: releasing it early races slurmd, which refuses to relaunch a job id it has
-    # just killed ("already killed, do not launch batch job").
+    return job
+
+
+def cache_keys(folder: Path) -> list[list[str]]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [
+        json.loads((folder / f"shard-{i:06d}.json").read_text())["keys"]
+        for i in range(manifest["num_shards"])
+    ]
+
+
+def _distill_env(cache, folder: Path) -> dict[str, str]:
+    env = dict(SHARDS=str(cache[0]), OUT=str(folder), STUDENT="dfa_t", TEACHER="vit_tiny")
+    return env | dict(STEPS=str(REQUEUE_STEPS), BATCH_SIZE="2")
+
+
+# A checkpoint can only come from the signal.
+REQUEUE_ARGS = [*DISTILL_ARGS, "--checkpoint-every", "1000"]
+
+
+def _stop_distill(slurm, work: Path, cache, slow_python: str) -> dict:
+    """Distillation with 2 tasks, a quarter second per step, sent USR1 after 3 steps."""
+    folder = work / "requeued"
+    env = _distill_env(cache, folder) | dict(PYTHON=slow_python, SLEEP_AFTER_STEP="0.25")
+    job_id = submit(slurm, work, "distill.sbatch", env, ["--ntasks", "2"], REQUEUE_ARGS)
+    log_csv = folder / "log.csv"
+    rows = lambda: log_csv.read_text().count("\n") - 1 if log_csv.exists() else 0  # noqa: E731
+    wait_until(slurm, job_id, "3 rows in log.csv", lambda: rows() >= 3)
+    usr1_until_requeued(slurm, job_id)
+    return dict(
+        job_id=job_id,
+        folder=folder,
+        latest=(folder / "checkpoints" / "latest").read_text().strip(),
+        steps=logged_steps(folder),
+        log=log_of(work, "sam-distill", job_id),
+    )
+
+
+def _cache_env(images: Path, folder: Path, **values: str) -> dict[str, str]:
+    return dict(IMAGES=str(images), OUT=str(folder), TEACHER="vit_tiny", BATCH_SIZE="2") | values
+
+
+CACHE_OPTIONS = ["--ntasks", "2", "--cpus-per-task", "1"]
+
+
+def _stop_cache(slurm, work: Path, slow_python: str) -> dict:
+    """Caching with 2 tasks, 16 images in shards of 3 and batches of 2, half a second after each
+    finished shard, in which USR1 comes: each task then drops the shard its batch began."""
+    make_coco(work / "coco16", num_images=16, seed=1)
+    folder = work / "cache-requeued"
+    env = _cache_env(work / "coco16", folder, SAMPLES_PER_SHARD="3")
+    env |= dict(PYTHON=slow_python, SLEEP_AFTER_SHARD="0.5")
+    job_id = submit(slurm, work, "cache_teacher.sbatch", env, CACHE_OPTIONS, ["--workers", "0"])
+    wait_until(slurm, job_id, "a finished shard", lambda: any(folder.glob("shard-*.json")))
+    usr1_until_requeued(slurm, job_id)
+    return dict(
+        job_id=job_id,
+        folder=folder,
+        manifest=json.loads((folder / "manifest.json").read_text()),
+        log=log_of(work, "sam-cache", job_id),
+    )
+
+
+def _stop_cache_before_any_shard(slurm, work: Path, slow_python: str) -> dict:
+    """Caching in shards of 4, 2 s after each sample: USR1 once both tasks wrote one."""
+    folder = work / "cache-none"
+    env = _cache_env(work / "coco", folder, SAMPLES_PER_SHARD="4")
+    env |= dict(PYTHON=slow_python, SLEEP_AFTER_SAMPLE="2")
+    job_id = submit(slurm, work, "cache_teacher.sbatch", env, CACHE_OPTIONS, ["--workers", "0"])
+    log = work / "logs" / f"sam-cache-{job_id}.out"
+    wrote = lambda: log.exists() and log.read_text().count(".tar.partial") >= 2  # noqa: E731
+    wait_until(slurm, job_id, "a sample from each task", wrote)
+    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+    return dict(job_id=job_id, folder=folder, job=slurm.wait(job_id, timeout=120))
+
+
+@pytest.fixture(scope="module")
+def preempted(slurm, work, cache, slow_python) -> dict:
+    """The jobs stopped by USR1, submitted together so that SLURM's holds of the requeued ones
+    (about two minutes: their launch credential's lifetime) overlap and the other jobs run
+    meanwhile. Releasing a requeued job early races slurmd, which refuses to relaunch a job id
+    it has just killed ("already killed, do not launch batch job"), so the tests wait it out.
+    "reference" is the uninterrupted distillation, through the same script."""
+    jobs = dict(distill=_stop_distill(slurm, work, cache, slow_python))
+    jobs["cache"] = _stop_cache(slurm, work, slow_python)
+    jobs["cache_none"] = _stop_cache_before_any_shard(slurm, work, slow_python)
+    folder = work / "straight"
+    env = _distill_env(cache, folder)
+    job_id = submit(slurm, work, "distill.sbatch", env, ["--ntasks", "2"], REQUEUE_ARGS)
+    jobs["reference"] = dict(job_id=job_id, folder=folder)
+    return jobs
+
+
+def test_requeued_distill_job_resumes_and_ends_with_the_uninterrupted_weights(
+    slurm, work, preempted
+):
+    """USR1 to the batch shell reaches both tasks, which checkpoint at the step they agree on
+    and exit 75; the script requeues the job, which restarts under the same id, appends to its
+    log, resumes from that checkpoint and ends as if it had never stopped."""
+    first = preempted["distill"]
+    job_id, folder = first["job_id"], first["folder"]
+    found = STOPPED.search(first["log"])
+    assert found and int(found[2]) == REQUEUE_STEPS, first["log"]
+    stopped = int(found[1])
+    assert 3 <= stopped < REQUEUE_STEPS
+    assert first["latest"] == f"step{stopped:08d}"  # the only checkpoint: the signal's
+    assert first["steps"] == list(range(1, stopped + 1))
+    assert "USR1 received: asking the tasks to save and stop" in first["log"]
+    assert f"requeueing job {job_id}" in first["log"]
+
     log = completed(slurm, work, "sam-distill", job_id, timeout=420)
-    assert f"requeueing job {job_id}" in log
     assert f"job {job_id} (restart 0)" in log and f"job {job_id} (restart 1)" in log, log
     found = RESUMED.search(log)
-    assert found and 0 < int(found[3]) < 60, log
-    assert logged_steps(folder) == list(range(1, 61))
+    assert found and found[1] == str(folder), log
+    assert int(found[2]) == int(found[3]) == stopped
+    assert logged_steps(folder) == list(range(1, REQUEUE_STEPS + 1))
+    assert read_export_meta(folder / "student.pt")["step"] == REQUEUE_STEPS
+
+    reference = preempted["reference"]
+    plain = completed(slurm, work, "sam-distill", reference["job_id"], timeout=420)
+    assert "resumed from" not in plain and "stopped at step" not in plain
+    a = load_sam(folder / "student.pt").image_encoder.state_dict()
+    b = load_sam(reference["folder"] / "student.pt").image_encoder.state_dict()
+    assert a.keys() == b.keys()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_requeued_cache_job_completes_with_each_input_once(slurm, work, preempted):
+    first = preempted["cache"]
+    job_id, folder = first["job_id"], first["folder"]
+    assert "dropped the unfinished" in first["log"] and "which a rerun redoes" in first["log"]
+    assert f"requeueing job {job_id}" in first["log"]
+    assert 1 <= len(first["manifest"]["shards"]) < 6 and not first["manifest"]["complete"]
+
+    log = completed(slurm, work, "sam-cache", job_id, timeout=420)
+    assert f"job {job_id} (restart 1)" in log, log
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_shards"] == 6 and manifest["num_samples"] == 16
+    assert not list(folder.glob("*.partial"))
+    keys = [k for shard in cache_keys(folder) for k in shard]
+    assert len(keys) == len(set(keys)) == 16
+    # An uninterrupted run writes the plan's shards, input for input.
+    plan = plan_cache(str(work / "coco16"), 3)
+    assert cache_keys(folder) == [[i.key for i in plan.shard_items(k)] for k in range(6)]
+
+
+def test_signal_before_any_progress_is_not_requeued(slurm, work, preempted):
+    """Exit 75 with nothing saved: requeueing would only loop, so the job fails with 75."""
+    none = preempted["cache_none"]
+    job, folder = none["job"], none["folder"]
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "75:0", "0"), job
+    log = log_of(work, "sam-cache", none["job_id"])
+    assert "stopped after finishing 0 shard(s)" in log, log
+    assert f"no progress saved since the start, not requeueing job {none['job_id']}" in log
+    assert not list(folder.glob("shard-*")), sorted(p.name for p in folder.iterdir())
+    assert json.loads((folder / "manifest.json").read_text())["shards"] == []
 
 
 def test_job_outside_the_repository_fails_with_a_message(slurm, work):

@@ -1,19 +1,24 @@
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+import teachers.cache as cache_module
+from distill.placement import DistEnv
+from distill.preempt import REQUEUE_EXIT, Preempted, StopRequest
 from eval.synthetic import make_coco
 from teachers import codecs, load_teacher, preprocess
 from teachers.cache import channel_axis, plan_cache, write_cache
 from teachers.cache_read import check_manifest, load_manifest, read_cache, verify_cache
 from teachers.preprocess import decode_image
-from teachers.runtime import DistEnv
 from tests.conftest import REPO, unplaced_env
 
 SLACK = 1e-5  # teacher rounding differences between batch sizes on the CPU
@@ -244,3 +249,114 @@ def test_two_processes_produce_the_samples_of_one(coco_root, tiny_ckpt, tmp_path
     for key in a:
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name], atol=2e-3, rtol=1e-3)
+
+
+# --- save and leave on a signal ----------------------------------------------------------------
+
+
+def _signal_after_first_shard(monkeypatch):
+    """Send this process SIGUSR1 right after the first shard is finished (a real signal, to the
+    StopRequest the test holds)."""
+    finish = cache_module._ShardWriter.finish
+
+    def finish_then_signal(self):
+        finish(self)
+        if self.index == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(cache_module._ShardWriter, "finish", finish_then_signal)
+
+
+def _record_keys(out):
+    manifest = load_manifest(out)
+    names = [s["name"] for s in manifest["shards"]]
+    return [
+        k
+        for name in names
+        for k in json.loads((out / name.replace(".tar", ".json")).read_text())["keys"]
+    ]
+
+
+def test_signal_drops_the_shard_in_progress_and_a_rerun_completes(
+    teacher, coco_root, tmp_path, monkeypatch
+):
+    out = tmp_path / "stopped"
+    _signal_after_first_shard(monkeypatch)
+    with StopRequest() as stop, pytest.raises(Preempted) as caught:
+        # Batches of 2, shards of 3: the batch that finishes shard 0 also starts shard 1.
+        _cache(teacher, coco_root, out, batch_size=2, stop=stop)
+    assert stop.signal == "SIGUSR1"
+    message = str(caught.value)
+    assert "finishing 1 shard(s)" in message and "shard-000001.tar, which a rerun redoes" in message
+    assert "has 1 of 3 shards" in message
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.json", "shard-000000.tar"]
+    manifest = load_manifest(out)
+    assert not manifest["complete"] and [s["name"] for s in manifest["shards"]] == [
+        "shard-000000.tar"
+    ]
+    report = verify_cache(out)
+    assert set(report.bad_shards) == {"shard-000001.tar", "shard-000002.tar"}
+    assert all(r.startswith("not finished") for r in report.bad_shards.values())
+    assert report.num_checked_samples == 3
+
+    monkeypatch.undo()
+    assert _cache(teacher, coco_root, out, batch_size=2)["complete"]
+    assert not list(out.glob("*.partial")) and verify_cache(out).ok
+    _cache(teacher, coco_root, tmp_path / "straight", batch_size=2)
+    keys = _record_keys(out)
+    assert len(keys) == len(set(keys)) == 8
+    assert keys == _record_keys(tmp_path / "straight")
+    assert sorted(s.key for s in read_cache(out)) == sorted(keys)
+
+
+def test_signal_before_the_first_batch_leaves_at_once(teacher, coco_root, tmp_path):
+    stop = StopRequest()
+    stop.signal = "SIGTERM"  # as if it came while the teacher loaded
+    with pytest.raises(Preempted, match="SIGTERM received: stopped after finishing 0 shard"):
+        _cache(teacher, coco_root, tmp_path, stop=stop)
+    assert not list(tmp_path.glob("shard-*")) and not load_manifest(tmp_path)["shards"]
+
+
+SLOW_FINISH = textwrap.dedent(
+    """
+    import runpy, sys, time
+    sys.path.insert(0, {repo!r})
+    import teachers.cache as cache
+    finish = cache._ShardWriter.finish
+    def finish_slowly(self):
+        finish(self)
+        time.sleep(0.5)  # a window to signal in, after the shard and its record are in place
+    cache._ShardWriter.finish = finish_slowly
+    sys.argv = ["launch/cache_teacher.py", *sys.argv[1:]]
+    runpy.run_path("launch/cache_teacher.py", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_cli_saves_exits_75_and_a_rerun_completes(coco_root, tiny_ckpt, tmp_path):
+    out = tmp_path / "signalled"
+    proc = _cli(out, coco_root, tiny_ckpt, script=SLOW_FINISH.format(repo=str(REPO)))
+    deadline = time.monotonic() + 120
+    while not (out / "shard-000000.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no shard after 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    sent = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == REQUEUE_EXIT, stderr
+    assert time.monotonic() - sent < 10
+    assert "SIGUSR1 received: saving at the next safe point" in stderr
+    assert "SIGUSR1 received: stopped after finishing" in stderr and "rerun redoes" in stderr
+    manifest = load_manifest(out)
+    assert not manifest["complete"] and len(manifest["shards"]) >= 1
+    assert not list(out.glob("*.partial"))
+
+    rerun = _cli(out, coco_root, tiny_ckpt)
+    _, stderr = rerun.communicate()
+    assert rerun.returncode == 0, stderr
+    assert verify_cache(out).ok and not list(out.glob("*.partial"))
+    keys = _record_keys(out)
+    assert len(keys) == len(set(keys)) == 8
+    assert sorted(s.key for s in read_cache(out)) == sorted(keys)

@@ -1,4 +1,8 @@
-"""Process placement read once from the environment (torchrun/DeepSpeed or SLURM)."""
+"""Process placement, read once from the environment (torchrun, DeepSpeed or SLURM).
+
+A leaf module (standard library only, torch imported lazily): the cache writer, the training
+engine and the evaluation runners all place their processes through it.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,403 @@
+"""The training engine every job plugs into: set-up, one `step`, checkpoint/resume, stop on signal.
+
+A job (distillation, phase-2 alignment, adaptation, re-distillation) brings a model, the
+parameters that train, a loss function and its batches; the engine owns the rest:
+
+    engine = build_engine(cfg, model, trainable, loss_fn, env, stop)
+    start, job_state = engine.resume(ckpt_dir)          # (0, None) for a fresh run
+    for step in range(start, cfg.steps):
+        losses = engine.step(batches)                   # {"loss": ..., other named terms}
+        if engine.stop_agreed or step + 1 == cfg.steps or ...:
+            engine.save(ckpt_dir, step + 1, job_state)
+
+`loss_fn(engine, batch) -> {"loss": scalar, name: scalar, ...}`: "loss" is optimised, every entry
+is averaged over micro-batches and processes into what `step` returns. `engine.step_index` is
+the 0-based step being taken (for schedules), `engine.dtype` the input dtype the model expects.
+
+Two variants behind one interface: `DeepSpeedEngine` (any number of processes, bf16, ZeRO 0-2;
+DeepSpeed's checkpoint files) and `TorchEngine` (plain PyTorch AdamW in one process, so loops
+are tested in process on CPU). The learning rate is a pure function of the step
+(`distill.schedule.lr_at`) set before every optimizer step in both. The engine knows nothing
+about teachers, students or adapters.
+
+Checkpoints: `CKPT/stepNNNNNNNN/` per save; `CKPT/latest` names the newest complete one and is
+replaced atomically after every process has written its files, so a crash or a second signal
+during a save leaves the previous checkpoint in force. Job state is split into what every
+process shares (`job_state`) and what is each process's own (`rank_state`: e.g. its data
+streams' positions), gathered into one record.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distill.config import TrainConfig, batch_layout, deepspeed_config, warmup_steps
+from distill.placement import DistEnv, dist_env, local_cuda_device
+from distill.preempt import StopRequest
+from distill.schedule import lr_at
+
+LossFn = Callable[["Engine", dict], dict[str, torch.Tensor]]
+LATEST = "latest"
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    path = Path(ckpt_dir) / LATEST
+    return path.read_text().strip() if path.exists() else None
+
+
+def _write_latest(ckpt_dir: Path, tag: str) -> None:
+    tmp = ckpt_dir / f".{LATEST}.{os.getpid()}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / LATEST)
+
+
+def _tags(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+
+
+def _drop_unfinished(ckpt_dir: Path) -> None:
+    """Remove checkpoint folders newer than `latest`: saves that a crash cut short."""
+    latest = latest_tag(ckpt_dir) or ""
+    for tag in _tags(ckpt_dir):
+        if tag > latest:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep the `keep` newest checkpoints (the one `latest` names among them)."""
+    for tag in _tags(ckpt_dir)[:-keep]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def resolve_device(device: str) -> str:
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def start_processes(cfg: TrainConfig) -> DistEnv:
+    """Read this process's placement; with DeepSpeed, start its process group (nccl on GPUs,
+    gloo on CPUs) and, on CPUs, share the node's cores between its processes."""
+    env = dist_env()
+    device = resolve_device(cfg.device)
+    if cfg.engine == "torch":
+        if env.world_size > 1:
+            raise ValueError("--engine torch runs one process: use --engine deepspeed for more")
+    else:
+        _init_deepspeed_group(env, device)
+    if device == "cuda":
+        torch.cuda.set_device(local_cuda_device(env))
+    return env
+
+
+def _init_deepspeed_group(env: DistEnv, device: str) -> None:
+    import deepspeed
+
+    os.environ.update(
+        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank)
+    )
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if env.world_size > 1:
+            raise ValueError(
+                "MASTER_PORT is not set: launch several processes with deepspeed, torchrun or srun"
+            )
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Processes sharing a node's cores: oversubscribed threads make every step crawl.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+
+
+class Engine:
+    """What both variants share: the step with accumulation, the non-finite guard, the agreed
+    stop, the learning rate and the checkpoint folder. Subclasses forward, backward, step the
+    optimizer and read and write their own checkpoint files."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        env: DistEnv,
+        stop: StopRequest | None = None,
+    ) -> None:
+        self.cfg, self.model, self.loss_fn, self.env = cfg, model, loss_fn, env
+        self.stop = stop or StopRequest()
+        self.micro_batch, self.accum = batch_layout(cfg, env.world_size)
+        self.device = torch.device(resolve_device(cfg.device))
+        if self.device.type == "cuda":
+            self.device = torch.device(local_cuda_device(env))
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.warmup = warmup_steps(cfg)
+        self.step_index = 0  # the step being taken (0-based); saved and restored
+        self.num_nonfinite = 0
+        self.stop_agreed = False
+        self.lr = 0.0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or min, max) of `values` over the processes; one collective."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(
+            t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}.get(op, dist.ReduceOp.MAX)
+        )
+        return t.tolist()
+
+    def to_device(self, batch: dict) -> dict:
+        return {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
+
+    def step(self, batches: Iterator[dict]) -> dict[str, float]:
+        """One optimizer step over `accum` micro-batches drawn from `batches`; the named losses
+        averaged over micro-batches and processes. A micro-batch whose loss is not finite on any
+        process is skipped on all of them before backward (another is drawn); `max_nonfinite` in
+        a row stop the run. The same collective that averages the losses carries each process's
+        stop request, so all agree on stopping after this step (`stop_agreed`)."""
+        self.lr = lr_at(
+            self.step_index, self.cfg.steps, self.cfg.lr, self.warmup, self.cfg.min_lr_ratio
+        )
+        self._set_lr(self.lr)
+        sums: dict[str, float] = {}
+        done, in_a_row = 0, 0
+        while done < self.accum:
+            batch = self.to_device(next(batches))
+            losses = self.loss_fn(self, batch)
+            # Every process must agree before backward, or the gradient all-reduce would hang.
+            if self.all_reduce([float(torch.isfinite(losses["loss"]))], "min")[0] < 1.0:
+                self.num_nonfinite, in_a_row = self.num_nonfinite + 1, in_a_row + 1
+                self._report_nonfinite(in_a_row)
+                continue
+            in_a_row = 0
+            self._backward_and_step(losses["loss"], last=done + 1 == self.accum)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            done += 1
+        totals = self.all_reduce([*sums.values(), float(self.stop.requested)])
+        self.stop_agreed = totals[-1] > 0
+        self.step_index += 1
+        count = self.accum * self.env.world_size
+        return {name: total / count for name, total in zip(sums, totals[:-1], strict=True)}
+
+    def _report_nonfinite(self, in_a_row: int) -> None:
+        print(
+            f"step {self.step_index + 1}: non-finite loss, micro-batch skipped ({in_a_row} in a row)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if in_a_row >= self.cfg.max_nonfinite:
+            raise RuntimeError(
+                f"{in_a_row} micro-batches in a row had a non-finite loss: stopping at step "
+                f"{self.step_index + 1}. Lower --lr, use --precision fp32, or check the data."
+            )
+
+    def save(
+        self, ckpt_dir: str | Path, step: int, job_state: dict, rank_state: dict | None = None
+    ) -> Path:
+        """Checkpoint the model, optimizer, step and job state as `ckpt_dir/stepNNNNNNNN`, then
+        point `latest` at it (atomically, after every process wrote its part)."""
+        ckpt_dir = Path(ckpt_dir)
+        tag = tag_of(step)
+        gathered = [rank_state or {}]
+        if self.distributed:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rank_state or {})
+        client = {
+            "step": step,
+            "num_nonfinite": self.num_nonfinite,
+            "config": self.cfg.to_json(),
+            "job": job_state,
+            "ranks": gathered,
+        }
+        if self.env.rank == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _drop_unfinished(ckpt_dir)
+        self.barrier()
+        self._save_files(ckpt_dir, tag, client)
+        self.barrier()
+        if self.env.rank == 0:
+            _write_latest(ckpt_dir, tag)
+            _prune(ckpt_dir, self.cfg.keep_checkpoints)
+        self.barrier()
+        return ckpt_dir / tag
+
+    def resume(self, ckpt_dir: str | Path) -> tuple[int, dict | None, dict | None]:
+        """Load the newest checkpoint: (its step, the job state, this process's rank state), or
+        (0, None, None) when there is none."""
+        ckpt_dir = Path(ckpt_dir)
+        tag = latest_tag(ckpt_dir)
+        if tag is None:
+            return 0, None, None
+        client = self._load_files(ckpt_dir, tag)
+        self.step_index, self.num_nonfinite = client["step"], client["num_nonfinite"]
+        ranks = client["ranks"]
+        mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else None
+        print(
+            f"rank {self.env.rank}: resumed from {ckpt_dir / tag} at step {client['step']}",
+            flush=True,
+        )
+        return client["step"], client["job"], mine
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # Variant-specific parts.
+    def __call__(self, *args: torch.Tensor) -> object:
+        raise NotImplementedError
+
+    def _set_lr(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
+        raise NotImplementedError
+
+    def _save_files(self, ckpt_dir: Path, tag: str, client: dict) -> None:
+        raise NotImplementedError
+
+    def _load_files(self, ckpt_dir: Path, tag: str) -> dict:
+        raise NotImplementedError
+
+
+class TorchEngine(Engine):
+    """Plain PyTorch, one process: AdamW, accumulation by summing micro-batch gradients, norm
+    clipping, bf16 autocast for `--precision bf16` (fp32 weights). Checkpoint: one file per tag,
+    `model`, `optimizer`, `client`, loaded with `weights_only=True`."""
+
+    FILE = "engine.pt"
+
+    def __init__(self, cfg, model, params, loss_fn, env, stop=None) -> None:
+        super().__init__(cfg, model, loss_fn, env, stop)
+        self.model = model.to(self.device)
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, *args: torch.Tensor) -> object:
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            return self.model(*args)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
+        (loss / self.accum).backward()
+        if not last:
+            return
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _save_files(self, ckpt_dir: Path, tag: str, client: dict) -> None:
+        folder = ckpt_dir / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "client": client,
+        }
+        tmp = folder / f".{self.FILE}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, folder / self.FILE)
+
+    def _load_files(self, ckpt_dir: Path, tag: str) -> dict:
+        path = ckpt_dir / tag / self.FILE
+        if not path.is_file():
+            raise ValueError(f"{path} not found: {ckpt_dir} was not written by --engine torch")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client"]
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed: the model wrapped by `deepspeed.initialize` with our AdamW and the derived
+    config (`distill.config.deepspeed_config`); DeepSpeed's checkpoint layout, loaded with
+    `weights_only=True`."""
+
+    def __init__(self, cfg, model, params, loss_fn, env, stop=None) -> None:
+        import deepspeed
+
+        super().__init__(cfg, model, loss_fn, env, stop)
+        trainable = [p for p in params if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size)
+        )
+        self.ds.checkpoint_engine = _safe_checkpoint_engine(self.ds._config)
+        self.device = self.ds.device
+
+    def __call__(self, *args: torch.Tensor) -> object:
+        return self.ds(*args)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
+        # DeepSpeed counts micro-steps itself and steps the optimizer on the accumulation boundary.
+        self.ds.backward(loss)
+        self.ds.step()
+
+    def _save_files(self, ckpt_dir: Path, tag: str, client: dict) -> None:
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+
+    def _load_files(self, ckpt_dir: Path, tag: str) -> dict:
+        _, client = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        if client is None:
+            raise ValueError(f"{ckpt_dir / tag} could not be loaded as a DeepSpeed checkpoint")
+        return client
+
+
+def _safe_checkpoint_engine(config):
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True` like every
+    checkpoint in this project (its own loader unpickles arbitrary objects). ZeRO optimizer
+    states hold three small DeepSpeed records, allowed by name and nothing else."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        ALLOWED = (LossScaler, ZeroStageEnum, fragment_address)
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(list(self.ALLOWED)):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeCheckpointEngine(config)
+
+
+def build_engine(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    params,
+    loss_fn: LossFn,
+    env: DistEnv,
+    stop: StopRequest | None = None,
+) -> Engine:
+    """The engine `cfg.engine` names, training `params` of `model` with `loss_fn`."""
+    variant = {"deepspeed": DeepSpeedEngine, "torch": TorchEngine}[cfg.engine]
+    return variant(cfg, model, list(params), loss_fn, env, stop)
