@@ -13,6 +13,9 @@ not publish its formula; this is our reading of "dynamic layer-wise distillation
 - ``final_only``: only the final embedding (the MobileSAM baseline).
 - ``uniform``: every pair weighs the same.
 
+Progress is that of the step being taken (`step_progress`): 0 on a run's first step and 1 on
+its last, so every schedule reaches its end point (a one-step run is at progress 1).
+
 Every mode's weights sum to one. In ``progressive`` and ``stepwise`` the final embedding's weight
 and the weighted mean depth never decrease as training progresses (tested).
 """

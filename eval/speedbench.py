@@ -169,7 +169,8 @@ def windowed_attention(
 
 
 def attention_table(device: str, repeats: int, dim: int = 128, heads: int = 4) -> list[dict]:
-    """Seconds of one attention call at 64^2, 96^2 and 128^2 tokens (dfa_s's width and patterns)."""
+    """Seconds of one attention call at 64^2, 96^2 and 128^2 tokens (dfa_t's width and heads,
+    the local + dilated patterns of every DFA student's middle blocks)."""
     from students.dfa import dilated_attention
 
     patterns = ((8, 1), (32, 2))

@@ -1,9 +1,13 @@
-"""Distill a SAM teacher's cached features into a student encoder (see distill/train.py).
+r"""Distill a SAM teacher's cached features into a student encoder (see distill/train.py).
 
     deepspeed launch/distill.py --shards /data/cache/vit_h --student dfa_s --out runs/dfa_s \
         --teacher-ckpt sam_vit_h_4b8939.pth [--steps N] [--batch-size B] [--lr X] [--dld MODE] [--resume auto]
     python launch/distill.py ...            # the same, as one process
     ... --config run.json                    # fields from a JSON file; explicit flags win
+
+The teacher's facts (teacher, taps, image size, codec) come from the cache's manifest.json; a
+flag that states one must agree with it. SIGUSR1 or SIGTERM: save a checkpoint after the current
+step and exit 75 (requeue me); --resume auto continues there.
 """
 
 import sys

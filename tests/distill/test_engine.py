@@ -16,7 +16,7 @@ from distill.config import DistillConfig, TrainConfig
 from distill.engine import TorchEngine, build_engine, latest_tag
 from distill.placement import DistEnv
 from distill.preempt import Preempted, StopRequest
-from distill.schedule import lr_at, step_progress
+from distill.schedule import dld_weights, lr_at, step_progress
 from distill.train import train
 from eval.synthetic import make_coco
 from students.export import load_sam
@@ -252,3 +252,14 @@ def test_a_signal_mid_run_saves_there_and_resume_ends_like_an_uninterrupted_run(
         [float(r["loss_total"]) for r in rows(tmp_path / "straight")],
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_dld_sees_progress_0_on_the_first_step_and_1_on_the_last(cache, tmp_path, steps):
+    train(distill_cfg(cache, tmp_path / "run", steps=steps, dld="stepwise", dld_floor=0.1))
+    rows = distill.logs.StepLog.read(tmp_path / "run" / "log.csv")
+    weights = [[float(r[f"weight_{p}"]) for p in ("block1", "block3", "embed")] for r in rows]
+    if steps > 1:  # progress 0: the shallowest pair, the final embedding at its floor
+        assert weights[0] == pytest.approx(dld_weights(0.0, 3, "stepwise", floor=0.1))
+        assert weights[0] == pytest.approx([0.9, 0.0, 0.1])
+    assert weights[-1] == pytest.approx([0.0, 0.0, 1.0])  # progress 1: the final embedding alone

@@ -166,8 +166,10 @@ def test_cancelled_distill_job_resumes_when_resubmitted(slurm, work, cache):
     first = submit(slurm, work, "distill.sbatch", env, ["--ntasks", "2"], args)
     wait_for_checkpoint(slurm, folder, first)
     slurm.run("scancel", first)
-    assert slurm.wait(first)["JobState"] == "CANCELLED"
+    job = slurm.wait(first)
+    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), job  # cancelled stays so
     assert not (folder / "student.pt").exists()
+    assert "requeueing left to SLURM" in log_of(work, "sam-distill", first)
 
     second = submit(slurm, work, "distill.sbatch", env, ["--ntasks", "2"], args)
     log = completed(slurm, work, "sam-distill", second)
