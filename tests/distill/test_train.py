@@ -16,6 +16,7 @@ import torch
 import webdataset as wds
 from segment_anything import SamPredictor
 
+from distill.schedule import lr_at
 from eval.synthetic import make_coco
 from students.export import load_sam, read_export_meta
 from teachers import load_teacher
@@ -100,6 +101,9 @@ def test_end_to_end_loss_falls_and_student_runs_in_sam_predictor(cache, tmp_path
     assert np.mean(embed[-5:]) < 0.5 * np.mean(embed[:5])  # falls clearly
     weights = [float(r["weight_embed"]) for r in rows]
     assert weights[0] == pytest.approx(0.2) and weights[-1] > 0.99  # progressive DLD by default
+    # DeepSpeed steps with the engine's schedule: warm-up over 5% of 36 steps (1), then cosine.
+    expected = [lr_at(step, 36, 2e-3, 1, 0.01) for step in range(36)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-6)
     assert (out / "training.png").stat().st_size > 10_000
 
     meta = read_export_meta(out / "student.pt")
