@@ -249,6 +249,11 @@ class Engine:
         if tag is None:
             return 0, None, None
         client = self._load_files(ckpt_dir, tag)
+        if not {"step", "job", "ranks"} <= set(client):
+            raise ValueError(
+                f"{ckpt_dir / tag} was written by an older trainer (no engine state in it): "
+                "resume it with the version that wrote it, or start a new --out"
+            )
         self.step_index, self.num_nonfinite = client["step"], client["num_nonfinite"]
         ranks = client["ranks"]
         mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else None

@@ -263,3 +263,13 @@ def test_dld_sees_progress_0_on_the_first_step_and_1_on_the_last(cache, tmp_path
         assert weights[0] == pytest.approx(dld_weights(0.0, 3, "stepwise", floor=0.1))
         assert weights[0] == pytest.approx([0.9, 0.0, 0.1])
     assert weights[-1] == pytest.approx([0.0, 0.0, 1.0])  # progress 1: the final embedding alone
+
+
+def test_a_checkpoint_without_engine_state_is_refused_by_name(tmp_path):
+    engine = toy_engine(tmp_path)
+    engine.save(tmp_path / "ckpt", 2, {})
+    path = tmp_path / "ckpt" / "step00000002" / "engine.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save(state | {"client": {"step": 2}}, path)  # what an older trainer wrote
+    with pytest.raises(ValueError, match="step00000002 was written by an older trainer"):
+        toy_engine(tmp_path).resume(tmp_path / "ckpt")

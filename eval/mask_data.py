@@ -1,0 +1,261 @@
+"""Reader for binary-mask segmentation folders, the layout COD10K, CAMO, ISTD, Kvasir-SEG and ISIC
+ship in (after the usual renaming of their folders)::
+
+    ROOT/train/images/NAME.jpg|.jpeg|.png|.bmp     ROOT/train/masks/NAME.png|.bmp|.jpg|.jpeg
+    ROOT/val/images/...                           ROOT/val/masks/...
+
+Images and masks are matched by file stem. A mask is read as 8-bit gray (PIL `convert("L")`, so
+RGB masks such as Kvasir-SEG's work) and a pixel is foreground when its value is > 128, the rule
+`py_sod_metrics.utils.prepare_data` applies to ground truth. A mask whose values are all 0 or 1
+is read as 0/1 labels. Which masks count as binary:
+
+* lossless masks (.png, .bmp): at most `GRAY_FRACTION` (2 %) of the pixels may hold a value other
+  than 0 and 255, which allows anti-aliased edges and nothing like a soft or probability map;
+* JPEG masks (Kvasir-SEG ships them) always carry compression noise near 0 and 255, so they are
+  thresholded at 128 and only values in the ambiguous band `JPEG_GRAY` (32..223) count against
+  the same 2 %.
+
+Bad input is a named `MaskDataError` (a ValueError) with `on_bad="stop"`, or a skip counted in a
+`Skips` with its reason under `on_bad="skip"`. Image pixels are used as stored (the EXIF tag is
+ignored), like `teachers.preprocess.decode_image`, which reads them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from teachers.preprocess import decode_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+MASK_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+FOREGROUND_ABOVE = 128
+GRAY_FRACTION = 0.02
+JPEG_GRAY = (32, 223)
+ON_BAD = ("stop", "skip")
+
+
+class MaskDataError(ValueError):
+    """A bad image/mask pair; `reason` is the short name under which it is counted as a skip."""
+
+    reason = "bad"
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class MissingMaskError(MaskDataError):
+    reason = "no_mask"
+
+
+class MissingImageError(MaskDataError):
+    reason = "no_image"
+
+
+class DuplicateStemError(MaskDataError):
+    reason = "duplicate"
+
+
+class UnreadableFileError(MaskDataError):
+    reason = "unreadable"
+
+
+class MaskSizeError(MaskDataError):
+    reason = "size_mismatch"
+
+
+class NonBinaryMaskError(MaskDataError):
+    reason = "non_binary"
+
+
+class EmptyMaskError(MaskDataError):
+    reason = "empty_mask"
+
+
+@dataclass(frozen=True)
+class MaskPair:
+    """One sample: its stem `name`, the image file and the mask file."""
+
+    name: str
+    image: Path
+    mask: Path
+
+
+@dataclass
+class Skips:
+    """Pairs left out under `on_bad="skip"`: `counts[reason]` and every (path, reason, message)."""
+
+    counts: Counter = field(default_factory=Counter)
+    entries: list[tuple[Path, str, str]] = field(default_factory=list)
+
+    def add(self, err: MaskDataError) -> None:
+        self.counts[err.reason] += 1
+        self.entries.append((err.path, err.reason, str(err)))
+        log.warning("skipped %s", err)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """'3 skipped: 2 no_mask, 1 empty_mask' (or '0 skipped')."""
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+        return f"{self.num_skipped} skipped" + (f": {parts}" if parts else "")
+
+
+def _check_on_bad(on_bad: str) -> None:
+    if on_bad not in ON_BAD:
+        raise ValueError(f"on_bad={on_bad!r}: choose one of {', '.join(ON_BAD)}")
+
+
+def _handle(err: MaskDataError, on_bad: str, skips: Skips | None) -> None:
+    if on_bad == "stop":
+        raise err
+    if skips is not None:
+        skips.add(err)
+
+
+def _by_stem(folder: Path, suffixes: tuple[str, ...], on_bad: str, skips: Skips | None) -> dict:
+    """{stem: path} of the files in `folder` with one of `suffixes` (any case); hidden files and
+    other suffixes are ignored. Two files with one stem are ambiguous: both are left out."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in suffixes:
+            found.setdefault(path.stem, []).append(path)
+    for stem, paths in found.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            _handle(
+                DuplicateStemError(folder / stem, f"several files share the stem: {names}"),
+                on_bad,
+                skips,
+            )
+    return {stem: paths[0] for stem, paths in found.items() if len(paths) == 1}
+
+
+def _split_dirs(root: str | Path, split: str) -> tuple[Path, Path]:
+    split_dir = Path(root) / split
+    for path in (split_dir, split_dir / "images", split_dir / "masks"):
+        if not path.is_dir():
+            raise ValueError(
+                f"mask dataset folder not found: {path} (expected ROOT/{split}/images and "
+                f"ROOT/{split}/masks, the COD10K/CAMO/ISTD/Kvasir layout)"
+            )
+    return split_dir / "images", split_dir / "masks"
+
+
+def list_pairs(
+    root: str | Path, split: str, *, on_bad: str = "stop", skips: Skips | None = None
+) -> list[MaskPair]:
+    """The image/mask pairs of `root/split`, sorted by name. Checks only what the file names show
+    (an image without a mask, a mask without an image, a duplicate stem); `load_pair` or
+    `iter_pairs` check the pixels. Skips under `on_bad="skip"` are counted in `skips`."""
+    _check_on_bad(on_bad)
+    image_dir, mask_dir = _split_dirs(root, split)
+    images = _by_stem(image_dir, IMAGE_SUFFIXES, on_bad, skips)
+    masks = _by_stem(mask_dir, MASK_SUFFIXES, on_bad, skips)
+    for stem in sorted(masks.keys() - images.keys()):
+        _handle(MissingImageError(masks[stem], f"no image {stem}.* in {image_dir}"), on_bad, skips)
+    pairs = []
+    for stem in sorted(images):
+        if stem in masks:
+            pairs.append(MaskPair(stem, images[stem], masks[stem]))
+        else:
+            err = MissingMaskError(images[stem], f"no mask {stem}.* in {mask_dir}")
+            _handle(err, on_bad, skips)
+    return pairs
+
+
+def _read_mask_gray(path: Path) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(path.read_bytes())) as img:
+            return np.asarray(img.convert("L"))
+    except Exception as err:  # PIL raises several unrelated types for broken files
+        raise UnreadableFileError(path, f"cannot decode mask: {err}") from err
+
+
+def _binarize(gray: np.ndarray, path: Path) -> np.ndarray:
+    """[H, W] bool foreground of an 8-bit mask, or NonBinaryMaskError (rules in the module doc)."""
+    if gray.max() <= 1:
+        return gray == 1
+    if path.suffix.lower() in JPEG_SUFFIXES:
+        gray_px = (gray >= JPEG_GRAY[0]) & (gray <= JPEG_GRAY[1])
+    else:
+        gray_px = (gray != 0) & (gray != 255)
+    fraction = float(gray_px.mean())
+    if fraction > GRAY_FRACTION:
+        raise NonBinaryMaskError(
+            path,
+            f"{100 * fraction:.1f} % of the pixels are neither 0 nor 255 (at most "
+            f"{100 * GRAY_FRACTION:g} % allowed): a soft or label map, not a binary mask",
+        )
+    return gray > FOREGROUND_ABOVE
+
+
+def load_pair(pair: MaskPair, *, allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(image [H, W, 3] uint8 RGB, mask [H, W] bool) of one pair, or a named MaskDataError:
+    UnreadableFileError, MaskSizeError, NonBinaryMaskError, EmptyMaskError (unless
+    `allow_empty`, for shadow sets whose images may hold no shadow)."""
+    try:
+        image = decode_image(pair.image.read_bytes(), str(pair.image))
+    except (OSError, ValueError) as err:
+        raise UnreadableFileError(pair.image, f"cannot read image: {err}") from err
+    gray = _read_mask_gray(pair.mask)
+    if gray.shape != image.shape[:2]:
+        raise MaskSizeError(
+            pair.mask,
+            f"mask is {gray.shape[1]}x{gray.shape[0]} but its image {pair.image.name} is "
+            f"{image.shape[1]}x{image.shape[0]} (W x H); masks must have their image's size",
+        )
+    mask = _binarize(gray, pair.mask)
+    if not allow_empty and not mask.any():
+        raise EmptyMaskError(pair.mask, "mask has no foreground pixel")
+    return image, mask
+
+
+def iter_pairs(
+    pairs: list[MaskPair],
+    *,
+    on_bad: str = "stop",
+    skips: Skips | None = None,
+    allow_empty: bool = False,
+) -> Iterator[tuple[MaskPair, np.ndarray, np.ndarray]]:
+    """(pair, image, mask) for every pair that loads; bad ones raise or are counted in `skips`."""
+    _check_on_bad(on_bad)
+    for pair in pairs:
+        try:
+            image, mask = load_pair(pair, allow_empty=allow_empty)
+        except MaskDataError as err:
+            _handle(err, on_bad, skips)
+            continue
+        yield pair, image, mask
+
+
+def mask_box(mask: np.ndarray) -> list[float]:
+    """GT box prompt [x0, y0, x1, y1] of an [H, W] bool mask, in the eval code's convention:
+    `eval.prompts.box_xyxy` of the COCO bbox pycocotools gives for the mask, so x1 = last
+    foreground column + 1 and y1 = last foreground row + 1 (pixel edges, not centres)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask_box expects an [H, W] mask, got shape {mask.shape}")
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        raise ValueError("mask_box: the mask is empty, it has no box")
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def full_image_box(hw: tuple[int, int]) -> list[float]:
+    """Box prompt [0, 0, W, H] covering an image of size (H, W): the prompt-free setting."""
+    h, w = hw
+    return [0.0, 0.0, float(w), float(h)]
