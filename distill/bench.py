@@ -25,6 +25,7 @@ from distill.data import DataSpec, StreamLayout, make_loader
 from distill.engine import build_engine
 from distill.losses import student_taps_for
 from distill.placement import DistEnv
+from distill.preempt import stop_workers
 from distill.train import DistillLoss, DistillModel
 from students import build_student
 from teachers.build import TEACHER_SIZES, build_vit_tiny, sam_model_registry
@@ -142,6 +143,7 @@ def run(cfg: BenchConfig, images: str, teacher: Teacher) -> list[tuple[str, floa
         },
         cfg.steps,
     )
+    stop_workers(loader)
     return [(name, cfg.batch_size / seconds) for name, seconds in per_step.items()]
 
 

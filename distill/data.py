@@ -26,7 +26,7 @@ from itertools import islice
 import torch
 import webdataset as wds
 
-from distill.preempt import ignore_in_worker
+from distill.preempt import ignore_in_worker, stop_workers
 from teachers.cache_read import decode_sample
 from teachers.preprocess import decode_image, preprocess, valid_mask
 from teachers.teacher import feature_names
@@ -223,6 +223,10 @@ class StreamTracker:
         self.positions[batch["stream"]] = tuple(batch["position"])
         self.num_corrupt += int(batch["num_corrupt"])
         return batch
+
+    def close(self) -> None:
+        """End the loader workers (see `distill.preempt.stop_workers`)."""
+        stop_workers(self._batches)
 
     def job_state(self) -> dict:
         """What every rank shares: the layout the positions belong to, micro-batches consumed."""

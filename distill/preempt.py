@@ -79,3 +79,13 @@ def ignore_in_worker(worker_id: int = 0) -> None:
     process of a task); the main process decides when to leave and then ends its workers."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_workers(batches: object) -> None:
+    """End a DataLoader iterator's workers now. Workers started with `ignore_in_worker` ignore
+    SIGTERM, so the interpreter's exit, which ends left-over workers with SIGTERM and waits for
+    them, would wait forever: every loop over such a loader ends it with this (the iterator's own
+    shutdown: the workers finish their batch and leave)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's _MultiProcessingDataLoaderIter
+    if shutdown is not None:
+        shutdown()

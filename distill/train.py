@@ -209,22 +209,28 @@ def train(cfg: DistillConfig, stop: StopRequest | None = None) -> Path:
     streams = open_streams(cfg, cache, engine, job, mine)
     progress = RunProgress.of(cfg, loss.columns(), start, env.rank)
 
-    for step in range(start, cfg.steps):
-        tic = time.perf_counter()
-        losses = engine.step(streams)
-        corrupt = int(engine.all_reduce([float(streams.num_corrupt)])[0])
-        seconds = time.perf_counter() - tic
-        log_step(progress, step, losses, loss.weights(step), engine, corrupt, seconds)
-        if engine.stop_agreed or step + 1 == cfg.steps or (step + 1) % cfg.checkpoint_every == 0:
-            saved = engine.save(ckpt_dir, step + 1, streams.job_state(), streams.rank_state())
-        if engine.stop_agreed and step + 1 < cfg.steps:
-            progress.close()
-            raise Preempted(
-                f"rank {env.rank}: stopped at step {step + 1} of {cfg.steps} on "
-                f"{engine.stop.signal or 'a signal to another process'}: saved {saved}; "
-                "run again with --resume auto to continue"
-            )
-    progress.close()
+    try:
+        for step in range(start, cfg.steps):
+            tic = time.perf_counter()
+            losses = engine.step(streams)
+            corrupt = int(engine.all_reduce([float(streams.num_corrupt)])[0])
+            seconds = time.perf_counter() - tic
+            log_step(progress, step, losses, loss.weights(step), engine, corrupt, seconds)
+            if (
+                engine.stop_agreed
+                or step + 1 == cfg.steps
+                or (step + 1) % cfg.checkpoint_every == 0
+            ):
+                saved = engine.save(ckpt_dir, step + 1, streams.job_state(), streams.rank_state())
+            if engine.stop_agreed and step + 1 < cfg.steps:
+                raise Preempted(
+                    f"rank {env.rank}: stopped at step {step + 1} of {cfg.steps} on "
+                    f"{engine.stop.signal or 'a signal to another process'}: saved {saved}; "
+                    "run again with --resume auto to continue"
+                )
+    finally:
+        progress.close()
+        streams.close()
     if env.rank == 0:
         export(cfg, model, cache, loss.pairs)
     engine.barrier()  # the others wait for the export

@@ -37,7 +37,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from distill.placement import DistEnv, dist_env
-from distill.preempt import Preempted, StopRequest, ignore_in_worker
+from distill.preempt import Preempted, StopRequest, ignore_in_worker, stop_workers
 from teachers import codecs
 from teachers.build import file_sha256
 from teachers.preprocess import PREPROCESS_VERSION, decode_image, preprocess
@@ -265,6 +265,31 @@ def plan_cache(images: str, samples_per_shard: int, limit: int | None = None) ->
     return CachePlan(items[:limit] if limit else items, samples_per_shard)
 
 
+def _start(
+    teacher: Teacher, plan: CachePlan, out: Path, codec: str, env: DistEnv
+) -> tuple[CacheRun, list[int]]:
+    """Claim OUT for this run's settings; this rank's unfinished shards, their leftovers removed."""
+    if codec not in codecs.CODECS:
+        raise ValueError(f"--codec {codec!r}: choose one of {', '.join(codecs.CODECS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    run = CacheRun(
+        teacher.name,
+        teacher.checkpoint_sha256 or "",
+        list(teacher.taps),
+        codec,
+        teacher.img_size,
+        PREPROCESS_VERSION,
+        plan.samples_per_shard,
+        len(plan.items),
+        plan.inputs_sha256(),
+    )
+    claim_run(out, run)
+    todo = [i for i in range(env.rank, plan.num_shards, env.world_size) if not _shard_done(out, i)]
+    for i in todo:  # leftovers of a killed run
+        (out / (shard_name(i) + ".partial")).unlink(missing_ok=True)
+    return run, todo
+
+
 def write_cache(
     teacher: Teacher,
     plan: CachePlan,
@@ -282,26 +307,9 @@ def write_cache(
     With `stop`, a request seen after a teacher batch drops the shard in progress (finished ones
     stay), updates the manifest and raises `Preempted`; a rerun redoes only the dropped shards.
     """
-    if codec not in codecs.CODECS:
-        raise ValueError(f"--codec {codec!r}: choose one of {', '.join(codecs.CODECS)}")
     env = env or dist_env()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = CacheRun(
-        teacher.name,
-        teacher.checkpoint_sha256 or "",
-        list(teacher.taps),
-        codec,
-        teacher.img_size,
-        PREPROCESS_VERSION,
-        plan.samples_per_shard,
-        len(plan.items),
-        plan.inputs_sha256(),
-    )
-    claim_run(out, run)
-    todo = [i for i in range(env.rank, plan.num_shards, env.world_size) if not _shard_done(out, i)]
-    for i in todo:  # leftovers of a killed run
-        (out / (shard_name(i) + ".partial")).unlink(missing_ok=True)
+    run, todo = _start(teacher, plan, out, codec, env)
     items = [item for i in todo for item in plan.shard_items(i)]
     loader = torch.utils.data.DataLoader(
         _Decoded(items, teacher.img_size),
@@ -317,23 +325,26 @@ def write_cache(
     num_done = num_finished = 0
     if stop is not None and stop.requested and items:  # came while the teacher loaded
         _leave(out, run, plan, env, writer, num_finished, stop.signal)
-    for batch in loader:
-        feats = teacher(torch.stack([r["x"] for r in batch]).to(device))
-        for j, rec in enumerate(batch):
-            if writer is None:
-                writer = _ShardWriter(out, next(shards))
-            writer.write(
-                encode_sample(teacher, codec, rec, {k: v[j].cpu() for k, v in feats.items()})
-            )
-            if len(writer.keys) == len(plan.shard_items(writer.index)):
-                writer.finish()
-                writer, num_finished = None, num_finished + 1
-        bar.update(len(batch))
-        num_done += len(batch)
-        if stop is not None and stop.requested and num_done < len(items):
-            bar.close()
-            _leave(out, run, plan, env, writer, num_finished, stop.signal)
-    bar.close()
+    batches = iter(loader)
+    try:
+        for batch in batches:
+            feats = teacher(torch.stack([r["x"] for r in batch]).to(device))
+            for j, rec in enumerate(batch):
+                if writer is None:
+                    writer = _ShardWriter(out, next(shards))
+                writer.write(
+                    encode_sample(teacher, codec, rec, {k: v[j].cpu() for k, v in feats.items()})
+                )
+                if len(writer.keys) == len(plan.shard_items(writer.index)):
+                    writer.finish()
+                    writer, num_finished = None, num_finished + 1
+            bar.update(len(batch))
+            num_done += len(batch)
+            if stop is not None and stop.requested and num_done < len(items):
+                _leave(out, run, plan, env, writer, num_finished, stop.signal)
+    finally:
+        bar.close()
+        stop_workers(batches)
     return update_manifest(out, run, plan.num_shards)
 
 

@@ -306,8 +306,9 @@ def _assert_same_run(a, b):
 def test_sigusr1_saves_at_that_step_exits_75_and_resume_ends_like_an_uninterrupted_run(
     cache, tmp_path
 ):
-    """One process, the signal sent from outside once training is under way."""
-    args = ["--shards", str(cache), "--steps", "40", "--batch-size", "2", *BASE]
+    """One process with 2 loader workers (which ignore the signal and must still end with the
+    process), the signal sent from outside once training is under way."""
+    args = ["--shards", str(cache), "--steps", "40", "--batch-size", "2", *BASE, "--workers", "2"]
     args += ["--checkpoint-every", "1000"]  # any checkpoint before the end comes from the signal
     out = tmp_path / "stopped"
     cmd = [sys.executable, "launch/distill.py", *args, "--out", str(out)]
