@@ -187,18 +187,23 @@ def test_cancelled_distill_job_resumes_when_resubmitted(slurm, work, cache):
 SLOWER = textwrap.dedent(
     """
     # PYTHON for the batch scripts: the entry point in argv[1] with sleeps in it, so that a test
-    # signals it at a known point. Sleep lengths come from the job's environment.
+    # signals it at a known point. Sleep lengths come from the job's environment. The patches go
+    # in once the entry point listens for signals (its first lines, before torch loads), so that
+    # importing what they patch does not widen the start-up window in which a signal kills.
     import os, runpy, sys, time
     sys.path.insert(0, {repo!r})
+    import distill.preempt
     sleep = lambda name: time.sleep(float(os.environ.get(name, "0")))
-    if sys.argv[1].endswith("distill.py"):
+
+    def slow_distill():
         import distill.logs as logs
         write_row = logs.StepLog.write
         def write_row_slowly(self, step, values):
             write_row(self, step, values)
             sleep("SLEEP_AFTER_STEP")
         logs.StepLog.write = write_row_slowly
-    else:
+
+    def slow_cache():
         import teachers.cache as cache
         write, finish = cache._ShardWriter.write, cache._ShardWriter.finish
         def write_slowly(self, sample):
@@ -209,6 +214,13 @@ SLOWER = textwrap.dedent(
             finish(self)
             sleep("SLEEP_AFTER_SHARD")
         cache._ShardWriter.write, cache._ShardWriter.finish = write_slowly, finish_slowly
+
+    listen = distill.preempt.StopRequest.listen
+    def listen_then_slow_down(self):
+        listening = listen(self)
+        (slow_distill if sys.argv[0].endswith("distill.py") else slow_cache)()
+        return listening
+    distill.preempt.StopRequest.listen = listen_then_slow_down
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
     """
