@@ -61,6 +61,11 @@ class StreamLayout:
         return cls(rank, world_size, accum, subs, num)
 
     @property
+    def key(self) -> list[int]:
+        """What stream positions depend on: processes, accumulation, streams per slot."""
+        return [self.world_size, self.accum, self.subs]
+
+    @property
     def per_rank(self) -> int:
         return self.accum * self.subs
 
@@ -230,11 +235,7 @@ class StreamTracker:
 
     def job_state(self) -> dict:
         """What every rank shares: the layout the positions belong to, micro-batches consumed."""
-        layout = self.layout
-        return {
-            "layout": [layout.world_size, layout.accum, layout.subs],
-            "micro_batches": self.consumed,
-        }
+        return {"layout": self.layout.key, "micro_batches": self.consumed}
 
     def rank_state(self) -> dict:
         return {"positions": dict(self.positions), "num_corrupt": self.num_corrupt}
@@ -247,7 +248,7 @@ def restore_streams(
     rank's `rank_state`), or reseed them if processes, accumulation or workers changed."""
     if job is None:
         return
-    if job["layout"] == [layout.world_size, layout.accum, layout.subs] and mine is not None:
+    if job["layout"] == layout.key and mine is not None:
         spec.positions = {int(k): tuple(v) for k, v in mine["positions"].items()}
         spec.first_micro_batch, spec.num_corrupt = job["micro_batches"], mine["num_corrupt"]
         return

@@ -157,9 +157,8 @@ class Engine:
         if not self.distributed:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(
-            t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}.get(op, dist.ReduceOp.MAX)
-        )
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(t, op=ops[op])
         return t.tolist()
 
     def to_device(self, batch: dict) -> dict:
@@ -267,11 +266,12 @@ class Engine:
         if self.distributed:
             dist.barrier()
 
-    # Variant-specific parts.
-    def __call__(self, *args: torch.Tensor) -> object:
-        raise NotImplementedError
-
     def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # Variant-specific parts; each variant sets `self.optimizer`.
+    def __call__(self, *args: torch.Tensor) -> object:
         raise NotImplementedError
 
     def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
@@ -301,10 +301,6 @@ class TorchEngine(Engine):
     def __call__(self, *args: torch.Tensor) -> object:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             return self.model(*args)
-
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
         (loss / self.accum).backward()
@@ -356,10 +352,6 @@ class DeepSpeedEngine(Engine):
 
     def __call__(self, *args: torch.Tensor) -> object:
         return self.ds(*args)
-
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
         # DeepSpeed counts micro-steps itself and steps the optimizer on the accumulation boundary.

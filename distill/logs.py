@@ -53,33 +53,13 @@ class RunProgress:
     """Rank 0's view of a run: a CSV/TensorBoard row per step, the progress bar, and a console
     line every `log_every` steps and on the last. Other ranks keep a disabled bar only."""
 
-    def __init__(
-        self,
-        out: Path,
-        columns: list[str],
-        steps: int,
-        start: int,
-        rank: int,
-        *,
-        show_bar: bool = True,
-        log_every: int = 10,
-    ) -> None:
-        self.steps, self.log_every = steps, log_every
-        self.log = StepLog(out, columns, start) if rank == 0 else None
-        self.bar = tqdm(total=steps, initial=start, unit="step", disable=rank != 0 or not show_bar)
-
-    @classmethod
-    def of(cls, cfg, columns: list[str], start: int, rank: int) -> RunProgress:
-        """For a run of a `distill.config.TrainConfig` (steps, progress bar, log interval)."""
-        return cls(
-            Path(cfg.out),
-            columns,
-            cfg.steps,
-            start,
-            rank,
-            show_bar=cfg.progress,
-            log_every=cfg.log_every,
-        )
+    def __init__(self, cfg, columns: list[str], start: int, rank: int) -> None:
+        """For a run of a `distill.config.TrainConfig` (out, steps, progress, log_every) resumed
+        at step `start` (0 for a fresh run)."""
+        self.steps, self.log_every = cfg.steps, cfg.log_every
+        self.log = StepLog(Path(cfg.out), columns, start) if rank == 0 else None
+        show = rank == 0 and cfg.progress
+        self.bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not show)
 
     def step(self, step: int, values: dict[str, float], line: str, **postfix: str) -> None:
         """Record step `step` (1-based): `values` go to the CSV, `line` to the console."""

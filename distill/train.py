@@ -207,7 +207,7 @@ def train(cfg: DistillConfig, stop: StopRequest | None = None) -> Path:
     engine = build_engine(cfg, model, model.parameters(), loss, env, stop)
     start, job, mine = engine.resume(ckpt_dir) if cfg.resume == "auto" else (0, None, None)
     streams = open_streams(cfg, cache, engine, job, mine)
-    progress = RunProgress.of(cfg, loss.columns(), start, env.rank)
+    progress = RunProgress(cfg, loss.columns(), start, env.rank)
 
     try:
         for step in range(start, cfg.steps):
