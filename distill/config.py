@@ -160,6 +160,82 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
 
 
+ADAPT_METHODS = ("conv_lora", "lora", "cad", "sam_adapter", "decoder")  # students.adapters
+
+
+@dataclass
+class AdaptConfig(TrainConfig):
+    """One adaptation run: an adapter (and the mask decoder) trained on a binary-mask folder
+    (`distill/adapt.py`), the base encoder frozen."""
+
+    ckpt: str = ""
+    """Base model: a student.pt or an official SAM checkpoint (sam_vit_*.pth)."""
+    method: str = field(default="conv_lora", metadata={"choices": ADAPT_METHODS})
+    """Adapter method: conv_lora, lora, cad, sam_adapter or decoder (mask decoder only)."""
+    data: str = ""
+    """Dataset folder with train/{images,masks} and val/{images,masks} (COD10K/CAMO layout)."""
+    options: str = ""
+    """Options of the adapter method as key=value pairs, e.g. "width=64,input_size=256" for cad
+    or "r=4,alpha=16" for lora (defaults: the official ones, see students/adapters)."""
+    freeze_decoder: bool = False
+    """Keep the mask decoder frozen (train the adapter only)."""
+    prompt: str = field(default="full_box", metadata={"choices": ("full_box", "gt_box")})
+    """Box prompt per image: full_box (the whole image, the prompt-free recipe of CAD) or gt_box
+    (the ground-truth mask's box)."""
+    loss: str = field(default="structure", metadata={"choices": ("structure", "bce_dice")})
+    """Mask loss: structure (weighted BCE + weighted IoU, Conv-LoRA's) or bce_dice."""
+    merge: bool = False
+    """Fold LoRA into the qkv weights at export (lora only): no inference cost."""
+    val_every: int = 50
+    """Steps between validations on the val split (and at the last step)."""
+    workers: int = 2
+    """Data loader workers per process."""
+    on_bad: str = field(default="skip", metadata={"choices": ("skip", "stop")})
+    """A bad image/mask pair is skipped and counted ("skip") or stops the run ("stop")."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW); 2e-4 is CAD's, 1e-4 Conv-LoRA's."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (Conv-LoRA's)."""
+    batch_size: int = 4
+    """Global batch size (all processes, all accumulated micro-batches)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (the last step, and a step where a signal stops the run, always
+    checkpoint)."""
+
+    def __post_init__(self) -> None:
+        for name in ("ckpt", "data"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        super().__post_init__()
+        if self.val_every < 1:
+            raise ValueError(f"--val-every must be at least 1, got {self.val_every}")
+        if self.merge and self.method != "lora":
+            raise ValueError(
+                f"--merge folds LoRA into qkv: it needs --method lora, not {self.method}"
+            )
+        if self.method == "decoder" and self.freeze_decoder:
+            raise ValueError("--method decoder with --freeze-decoder leaves nothing to train")
+        self.adapter_kwargs()  # named errors now, not at step 0
+
+    def adapter_kwargs(self) -> dict[str, int | float]:
+        """--options parsed: "width=64,scale=0.2" -> {"width": 64, "scale": 0.2}."""
+        kwargs: dict[str, int | float] = {}
+        for item in filter(None, (t.strip() for t in self.options.split(","))):
+            key, sep, value = item.partition("=")
+            try:
+                if not sep or not key.strip():
+                    raise ValueError
+                number = float(value)
+                kwargs[key.strip()] = (
+                    int(number) if number.is_integer() and "." not in value else number
+                )
+            except ValueError:
+                raise ValueError(
+                    f"--options {self.options!r}: {item!r} is not key=number (e.g. width=64)"
+                ) from None
+        return kwargs
+
+
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(micro-batch per process, accumulation steps) for the global batch over `world_size`."""
     micro = cfg.micro_batch_size or cfg.batch_size // world_size

@@ -29,10 +29,12 @@ streams' positions), gathered into one record.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,10 +43,11 @@ import torch.distributed as dist
 
 from distill.config import TrainConfig, batch_layout, deepspeed_config, warmup_steps
 from distill.placement import DistEnv, dist_env, local_cuda_device
-from distill.preempt import StopRequest
+from distill.preempt import Preempted, StopRequest
 from distill.schedule import lr_at
 
 LossFn = Callable[["Engine", dict], dict[str, torch.Tensor]]
+RecordFn = Callable[[int, dict[str, float], float], None]
 LATEST = "latest"
 
 
@@ -79,6 +82,20 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
     """Keep the `keep` newest checkpoints (the one `latest` names among them)."""
     for tag in _tags(ckpt_dir)[:-keep]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
+    """A job's run folder `cfg.out` with its config.json; refused if it holds checkpoints and
+    the run does not resume. Returns the checkpoint folder, `cfg.out/checkpoints`."""
+    out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
+    if latest_tag(ckpt_dir) and cfg.resume != "auto":
+        raise ValueError(
+            f"{out} already holds checkpoints: pass --resume auto to continue, or choose another --out"
+        )
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+    return ckpt_dir
 
 
 def resolve_device(device: str) -> str:
@@ -262,6 +279,32 @@ class Engine:
         )
         return client["step"], client["job"], mine
 
+    def run(self, batches: Iterator[dict], ckpt_dir: Path, start: int, record: RecordFn) -> None:
+        """The loop of every job: steps `start` .. `cfg.steps` - 1, one `step` each, then
+        `record(step, losses, seconds)` (the job's log line, validation; 0-based step) and a
+        checkpoint every `checkpoint_every` steps, at the last step and when a signal stopped
+        the run, which then raises `Preempted`. `batches` also gives the job state to save:
+        `batches.job_state()` (shared) and `batches.rank_state()` (this process's)."""
+        cfg, saved = self.cfg, None
+        for step in range(start, cfg.steps):
+            tic = time.perf_counter()
+            losses = self.step(batches)
+            record(step, losses, time.perf_counter() - tic)
+            last = step + 1 == cfg.steps
+            if self.stop_agreed or last or (step + 1) % cfg.checkpoint_every == 0:
+                saved = self.save(ckpt_dir, step + 1, batches.job_state(), batches.rank_state())
+            if self.stop_agreed and not last:
+                raise Preempted(
+                    f"rank {self.env.rank}: stopped at step {step + 1} of {cfg.steps} on "
+                    f"{self.stop.signal or 'a signal to another process'}: saved {saved}; "
+                    "run again with --resume auto to continue"
+                )
+
+    def frozen_names(self) -> set[str]:
+        """Parameters that do not train: left out of checkpoints (they come from the job's
+        inputs, e.g. an adapter's frozen base encoder), so a checkpoint holds what trains."""
+        return {n for n, p in self.model.named_parameters() if not p.requires_grad}
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -314,8 +357,9 @@ class TorchEngine(Engine):
     def _save_files(self, ckpt_dir: Path, tag: str, client: dict) -> None:
         folder = ckpt_dir / tag
         folder.mkdir(parents=True, exist_ok=True)
+        frozen = self.frozen_names()
         state = {
-            "model": self.model.state_dict(),
+            "model": {k: v for k, v in self.model.state_dict().items() if k not in frozen},
             "optimizer": self.optimizer.state_dict(),
             "client": client,
         }
@@ -328,7 +372,12 @@ class TorchEngine(Engine):
         if not path.is_file():
             raise ValueError(f"{path} not found: {ckpt_dir} was not written by --engine torch")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) - self.frozen_names():
+            raise ValueError(
+                f"{path} holds another model: unexpected {sorted(unexpected)[:5]}, missing "
+                f"{sorted(set(missing) - self.frozen_names())[:5]}"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         return state["client"]
 
@@ -359,10 +408,19 @@ class DeepSpeedEngine(Engine):
         self.ds.step()
 
     def _save_files(self, ckpt_dir: Path, tag: str, client: dict) -> None:
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        self.ds.save_checkpoint(
+            str(ckpt_dir),
+            tag=tag,
+            client_state=client,
+            save_latest=False,
+            exclude_frozen_parameters=bool(self.frozen_names()),
+        )
 
     def _load_files(self, ckpt_dir: Path, tag: str) -> dict:
-        _, client = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        # Frozen parameters are not in the file (see `frozen_names`); everything else must be.
+        _, client = self.ds.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_module_strict=not self.frozen_names()
+        )
         if client is None:
             raise ValueError(f"{ckpt_dir / tag} could not be loaded as a DeepSpeed checkpoint")
         return client

@@ -127,3 +127,36 @@ def plot_dld_modes(path: Path, pair_names: list[str], **kwargs: float) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_adapt(out: Path) -> Path:
+    """OUT/training.png of an adaptation: losses (log scale), validation IoU and Dice, and the
+    predicted over true mask area (1 is right; a collapsing decoder falls towards 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = StepLog.read(out / "log.csv")
+    steps = [int(r["step"]) for r in rows]
+    val = [r for r in rows if r.get("val_iou")]
+    val_steps = [int(r["step"]) for r in val]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in ("total", "mask", "aux"):
+        values = [float(r[f"loss_{name}"]) for r in rows]
+        if any(math.isfinite(v) and v > 0 for v in values):
+            axes[0].plot(steps, values, label=name, lw=2 if name == "total" else 1)
+    axes[0].set(yscale="log", xlabel="step", title="training loss")
+    for name in ("iou", "dice"):
+        axes[1].plot(val_steps, [float(r[f"val_{name}"]) for r in val], "o-", label=name)
+    axes[1].set(xlabel="step", title="validation", ylim=(0, 1))
+    axes[2].plot(val_steps, [float(r["val_area_ratio"]) for r in val], "o-")
+    axes[2].axhline(1.0, color="gray", lw=0.8)
+    axes[2].set(xlabel="step", title="predicted / true mask area (val)")
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "training.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,4 +1,5 @@
-"""Distillation losses: padding-masked MSE on the final embedding and on projected block outputs.
+"""Training losses. Distillation: padding-masked MSE on the final embedding and on projected block
+outputs. Adaptation: mask losses on decoder logits (`MASK_LOSSES`), padding masked as well.
 
 The cached teacher features cover the padded square canvas; only embedding cells that see real
 pixels carry signal (EdgeSAM's phase-1 loss masks padding the same way), so both losses average
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -79,3 +81,33 @@ def student_taps_for(
             "give --student-taps explicitly"
         )
     return taps
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample weighted mean over [H, W] of [B, 1, H, W] maps."""
+    return (values * weights).sum((2, 3)) / weights.sum((2, 3)).clamp_min(1e-6)
+
+
+def structure_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """PraNet's structure loss, as Conv-LoRA trains with it: boundary-weighted BCE plus
+    boundary-weighted soft IoU. All [B, 1, H, W]; the weight is 1 + 5 |avgpool31(target) -
+    target| (large near edges), multiplied by `valid` so padding counts nowhere; mean over B."""
+    edge = 1 + 5 * torch.abs(F.avg_pool2d(target, kernel_size=31, stride=1, padding=15) - target)
+    weight = edge * valid
+    bce = _masked_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), weight)
+    prob = torch.sigmoid(logits)
+    inter = (prob * target * weight).sum((2, 3))
+    union = ((prob + target) * weight).sum((2, 3))
+    return (bce + 1 - (inter + 1) / (union - inter + 1)).mean()
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """BCE plus soft Dice over the valid pixels, [B, 1, H, W] each; mean over B."""
+    bce = _masked_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), valid)
+    prob = torch.sigmoid(logits) * valid
+    inter = (prob * target).sum((2, 3))
+    dice = 1 - (2 * inter + 1) / (prob.sum((2, 3)) + (target * valid).sum((2, 3)) + 1)
+    return (bce + dice).mean()
+
+
+MASK_LOSSES = {"structure": structure_loss, "bce_dice": bce_dice_loss}

@@ -9,8 +9,6 @@ run to stop, and at the end the export. The engine (`distill/engine.py`) owns th
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +16,10 @@ import torch
 
 from distill.config import DistillConfig
 from distill.data import DataSpec, StreamLayout, StreamTracker, restore_streams
-from distill.engine import Engine, build_engine, latest_tag, start_processes
+from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
 from distill.logs import RunProgress, plot_run
 from distill.losses import TapProjections, pair_losses, student_taps_for, weighted_loss
-from distill.preempt import Preempted, StopRequest
+from distill.preempt import StopRequest
 from distill.schedule import dld_weights, pair_every_from_epochs, step_progress
 from students import build_student
 from students.export import save_student
@@ -180,16 +178,10 @@ def export(cfg: DistillConfig, model: DistillModel, cache: CacheInfo, pairs: lis
 
 
 def prepare_run(cfg: DistillConfig, cache: CacheInfo, taken: list[str], rank: int) -> Path:
-    """The run folder (refused if it holds checkpoints and the run does not resume), with the
-    run's config; rank 0 says which cache facts the run uses. Returns the checkpoint folder."""
-    out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
-    if latest_tag(ckpt_dir) and cfg.resume != "auto":
-        raise ValueError(
-            f"{out} already holds checkpoints: pass --resume auto to continue, or choose another --out"
-        )
+    """The run folder (`distill.engine.prepare_run_dir`); rank 0 says which cache facts the run
+    uses. Returns the checkpoint folder."""
+    ckpt_dir = prepare_run_dir(cfg, rank)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
         facts = ", ".join(f"{k} {v}" for k, v in cache.facts.items())
         source = f" ({', '.join(taken)} from its manifest)" if taken else ""
         print(f"cache {cache.folder}: {facts}{source}", flush=True)
@@ -209,25 +201,12 @@ def train(cfg: DistillConfig, stop: StopRequest | None = None) -> Path:
     streams = open_streams(cfg, cache, engine, job, mine)
     progress = RunProgress(cfg, loss.columns(), start, env.rank)
 
+    def record(step: int, losses: dict, seconds: float) -> None:
+        corrupt = int(engine.all_reduce([float(streams.num_corrupt)])[0])
+        log_step(progress, step, losses, loss.weights(step), engine, corrupt, seconds)
+
     try:
-        for step in range(start, cfg.steps):
-            tic = time.perf_counter()
-            losses = engine.step(streams)
-            corrupt = int(engine.all_reduce([float(streams.num_corrupt)])[0])
-            seconds = time.perf_counter() - tic
-            log_step(progress, step, losses, loss.weights(step), engine, corrupt, seconds)
-            if (
-                engine.stop_agreed
-                or step + 1 == cfg.steps
-                or (step + 1) % cfg.checkpoint_every == 0
-            ):
-                saved = engine.save(ckpt_dir, step + 1, streams.job_state(), streams.rank_state())
-            if engine.stop_agreed and step + 1 < cfg.steps:
-                raise Preempted(
-                    f"rank {env.rank}: stopped at step {step + 1} of {cfg.steps} on "
-                    f"{engine.stop.signal or 'a signal to another process'}: saved {saved}; "
-                    "run again with --resume auto to continue"
-                )
+        engine.run(streams, ckpt_dir, start, record)
     finally:
         progress.close()
         streams.close()

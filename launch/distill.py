@@ -17,47 +17,22 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 sys.path.insert(0, str(_here.parent))
 
-import argparse  # noqa: E402
 
-
-def parser() -> argparse.ArgumentParser:
+def parser():
     from distill.config import DistillConfig
-    from teachers.flags import add_config_flags
+    from distill.jobs import job_parser
 
-    p = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,
-    )
-    p.add_argument("--config", help="JSON file with any of the fields below; explicit flags win")
-    add_config_flags(p, DistillConfig)
-    # set by the deepspeed launcher
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return p
+    return job_parser(__doc__, DistillConfig)
 
 
 def main(argv: list[str] | None = None, stop=None) -> int:
-    """Parse, train; user mistakes print one line and return 2, a run that saved and left on
-    SIGUSR1/SIGTERM returns 75 (`distill.preempt.REQUEUE_EXIT`: requeue me)."""
-    from distill.preempt import REQUEUE_EXIT, Preempted, StopRequest
-
-    stop = stop or StopRequest().listen()
-    args = vars(parser().parse_args(argv))
-    args.pop("local_rank", None)
+    """Parse, train; the exit code (`distill.jobs.run_job`: 0, 2 for a user mistake, 75 after
+    saving on SIGUSR1/SIGTERM)."""
     from distill.config import DistillConfig
+    from distill.jobs import run_job
     from distill.train import train
 
-    try:
-        config = args.pop("config", None)
-        cfg = DistillConfig.from_file(config, **args) if config else DistillConfig(**args)
-        train(cfg, stop)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Preempted as left:
-        print(left, file=sys.stderr, flush=True)
-        return REQUEUE_EXIT
-    return 0
+    return run_job(parser(), DistillConfig, train, argv, stop)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
                   checkpoint's prompt_encoder.* and mask_decoder.*
 
 From it `load_sam` rebuilds a `Sam` that `SamPredictor` and `SamAutomaticMaskGenerator` take
-unchanged. `load_sam` also reads the official SAM checkpoints, so teachers and students share
+unchanged. `load_sam` also reads `adapted.pt` exports and the official SAM checkpoints, so teachers and students share
 one code path in evaluation.
 """
 
@@ -31,6 +31,7 @@ from teachers.preprocess import PIXEL_MEAN, PIXEL_STD
 
 FORMAT = "sam-distill-student"
 FORMAT_VERSION = 1
+ADAPTED_FORMAT = "sam-distill-adapted"  # students.adapters.export.FORMAT
 
 
 def assemble_sam(student: nn.Module, heads_from: Sam | None = None) -> Sam:
@@ -89,11 +90,18 @@ def _load_student(payload: dict, source: str) -> Sam:
     return sam
 
 
-def load_sam(path: str | Path, device: str | torch.device = "cpu") -> Sam:
-    """A `Sam` in eval mode from a `student.pt` or an official SAM checkpoint (vit_h/l/b/tiny)."""
+def load_sam(
+    path: str | Path, device: str | torch.device = "cpu", base: str | Path | None = None
+) -> Sam:
+    """A `Sam` in eval mode from a `student.pt`, an `adapted.pt` (`students.adapters.export`;
+    `base` overrides the base checkpoint path it records) or an official SAM checkpoint."""
     payload = safe_load(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         sam = _load_student(payload, str(path))
+    elif isinstance(payload, dict) and payload.get("format") == ADAPTED_FORMAT:
+        from students.adapters.export import load_adapted
+
+        sam = load_adapted(payload, str(path), base)
     else:
         sam = sam_from_state(None, check_flat(payload, path), str(path))
     return sam.to(device).eval()

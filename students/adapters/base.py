@@ -20,6 +20,10 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+# Attribute names under which adapters keep a module they wrap (LoRA's `base` Linear, the
+# bottleneck adapters' `inner` attention/MLP): an export maps adapted keys to base keys by them.
+WRAPPED = ("base", "inner")
+
 _BUILDERS: dict[str, Callable[..., AdaptedEncoder]] = {}
 
 BuilderT = TypeVar("BuilderT", bound=Callable[..., "AdaptedEncoder"])
