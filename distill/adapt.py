@@ -5,7 +5,8 @@ Read top to bottom: place the process, list the data (pairs the file names rule 
 and reported), load the base (`student.pt` or a SAM checkpoint) and attach the adapter, hand the
 trainable parts to the engine with the mask loss, resume if asked, then the engine's loop
 (`Engine.run`, the one every job shares) with a validation on the val split every `val_every`
-steps, and at the end the export and the training plot.
+steps (and once before the first step, into OUT/val_before.json: the model at initialisation,
+which is the base itself for every method but cad), and at the end the export and the plot.
 
 Checkpoints hold what trains (adapter, decoder, optimizer), not the frozen base, whose sha256
 is stored with them and checked on resume.
@@ -13,6 +14,7 @@ is stored with them and checked on resume.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +165,12 @@ def train(cfg: AdaptConfig, stop: StopRequest | None = None) -> Path:
             f"{cfg.method} on {cfg.ckpt}: {sum(p.numel() for p in trainable):,} trainable parameters",
             flush=True,
         )
+
+    if start == 0:
+        before = validate(engine, model)
+        if env.rank == 0:
+            (Path(cfg.out) / "val_before.json").write_text(json.dumps(before, indent=1))
+            print(f"before adaptation: val IoU {before['val_iou']:.4f}", flush=True)
 
     def record(step: int, losses: dict, seconds: float) -> None:
         bad = int(engine.all_reduce([float(batches.num_bad)])[0])

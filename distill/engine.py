@@ -392,6 +392,7 @@ class DeepSpeedEngine(Engine):
 
         super().__init__(cfg, model, loss_fn, env, stop)
         trainable = [p for p in params if p.requires_grad]
+        self.trainable = trainable
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size)
@@ -404,7 +405,11 @@ class DeepSpeedEngine(Engine):
 
     def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
         # DeepSpeed counts micro-steps itself and steps the optimizer on the accumulation boundary.
-        self.ds.backward(loss)
+        # Its gradient all-reduce expects the same tensors on every process, but a forward may
+        # leave parameters unused on one process only (Conv-LoRA routes each image to one
+        # expert): a zero-weighted touch gives every trainable parameter a gradient (0 if unused).
+        touch = sum(p.reshape(-1)[0] for p in self.trainable)
+        self.ds.backward(loss + 0.0 * touch)
         self.ds.step()
 
     def _save_files(self, ckpt_dir: Path, tag: str, client: dict) -> None:

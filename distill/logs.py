@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -149,6 +150,9 @@ def plot_adapt(out: Path) -> Path:
     axes[0].set(yscale="log", xlabel="step", title="training loss")
     for name in ("iou", "dice"):
         axes[1].plot(val_steps, [float(r[f"val_{name}"]) for r in val], "o-", label=name)
+    if (out / "val_before.json").exists():
+        before = json.loads((out / "val_before.json").read_text())["val_iou"]
+        axes[1].axhline(before, color="gray", ls="--", lw=1, label="iou before")
     axes[1].set(xlabel="step", title="validation", ylim=(0, 1))
     axes[2].plot(val_steps, [float(r["val_area_ratio"]) for r in val], "o-")
     axes[2].axhline(1.0, color="gray", lw=0.8)

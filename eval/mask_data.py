@@ -50,8 +50,10 @@ class MaskDataError(ValueError):
 
     reason = "bad"
 
-    def __init__(self, path: Path, message: str) -> None:
-        super().__init__(f"{path}: {message}")
+    def __init__(self, path: Path | str, message: str | None = None) -> None:
+        # One argument: an already formatted message (how a DataLoader worker's error is raised
+        # again in the main process).
+        super().__init__(f"{path}: {message}" if message is not None else str(path))
         self.path = path
 
 

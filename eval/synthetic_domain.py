@@ -10,7 +10,8 @@ random Fourier series). Inside and outside carry band-pass Gaussian noise of the
 the same contrast: each texture is shifted and scaled to mean 0 and std 1 over its own region,
 then `base + CONTRAST * texture` is painted on all channels. Only the spectrum differs: the
 background has periods of `BACKGROUND_PERIODS` pixels, the object `OBJECT_PERIODS`. So there is no
-colour or brightness edge at the object's boundary, only a change of texture frequency, which is
+colour or brightness edge at the object's boundary (unless `tint` adds a subtle colour shift),
+only a change of texture frequency, which is
 what makes camouflaged objects hard for SAM (SAM-Adapter, arXiv 2304.09148, Fig. 1) and what a
 frequency-aware adapter can learn (CAD feeds an FFT high-pass of the image to its CNN). The mask
 is exact: pixels are painted through it, and it is written as a 0/255 PNG.
@@ -69,8 +70,11 @@ def blob_mask(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
     return np.hypot(xx - cx, yy - cy) <= radius
 
 
-def domain_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image `index` of `split`: (pixels [H, W, 3] uint8 RGB, mask [H, W] bool)."""
+def domain_sample(
+    seed: int, split: str, index: int, size: int, tint: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image `index` of `split`: (pixels [H, W, 3] uint8 RGB, mask [H, W] bool). `tint` shifts
+    the object's colour by +-tint gray levels per channel (signs drawn per image)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
@@ -83,14 +87,18 @@ def domain_sample(seed: int, split: str, index: int, size: int) -> tuple[np.ndar
     )
     base = rng.integers(BASE_RANGE[0], BASE_RANGE[1], 3)
     pixels = base[None, None, :] + CONTRAST * texture[..., None]
+    if tint:
+        pixels = pixels + mask[..., None] * tint * rng.choice([-1.0, 1.0], 3)
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8), mask
 
 
-def _write_split(root: Path, split: str, num: int, seed: int, size: int, suffix: str) -> None:
+def _write_split(
+    root: Path, split: str, num: int, seed: int, size: int, suffix: str, tint: float
+) -> None:
     for sub in ("images", "masks"):
         (root / split / sub).mkdir(parents=True, exist_ok=True)
     for i in range(num):
-        pixels, mask = domain_sample(seed, split, i, size)
+        pixels, mask = domain_sample(seed, split, i, size, tint)
         name = f"{split}_{i:05d}"
         image = Image.fromarray(pixels)
         if suffix == ".jpg":
@@ -108,11 +116,14 @@ def make_domain(
     *,
     size: int = 160,
     image_suffix: str = ".png",
+    tint: float = 0.0,
 ) -> Path:
     """Write the camouflage domain (layout in the module doc) under `root` and return `root`.
 
     size: the long side in pixels (at least 32). image_suffix: ".png" (lossless, the default, so
     the texture statistics hold to the pixel) or ".jpg" (quality 95, like the real datasets).
+    tint: a colour cue besides the texture (see `domain_sample`), 0 for none: an encoder whose
+    features see no texture frequency (a small random one) can still find the object by it.
     """
     if num_train < 0 or num_val < 0 or num_train + num_val == 0:
         raise ValueError(f"need num_train, num_val >= 0 and not both 0, got {num_train}, {num_val}")
@@ -122,7 +133,7 @@ def make_domain(
         raise ValueError(f"image_suffix {image_suffix!r}: choose .png or .jpg")
     root = Path(root)
     for split, num in (("train", num_train), ("val", num_val)):
-        _write_split(root, split, num, seed, size, image_suffix)
+        _write_split(root, split, num, seed, size, image_suffix, tint)
     params = dict(
         generator="eval.synthetic_domain",
         version=VERSION,
@@ -133,6 +144,7 @@ def make_domain(
         background_periods=BACKGROUND_PERIODS,
         object_periods=OBJECT_PERIODS,
         contrast=CONTRAST,
+        tint=tint,
     )
     (root / "domain.json").write_text(json.dumps(params, indent=1))
     return root

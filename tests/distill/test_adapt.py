@@ -1,0 +1,241 @@
+"""The adapt entry point, run for real: subprocesses, DeepSpeed on CPU with gloo, SIGKILL and
+resume, bad input, and what adaptation buys on the synthetic camouflage domain."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+
+from eval.synthetic_domain import make_domain
+from students import load_sam
+from students.adapters.export import read_adapted_meta
+from teachers.build import file_sha256
+from tests.conftest import REPO, unplaced_env
+
+pytestmark = pytest.mark.slow
+
+BASE = ["--workers", "0", "--no-progress", "--device", "cpu", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    return make_domain(tmp_path_factory.mktemp("adapt") / "dom", num_train=8, num_val=2, size=64)
+
+
+def _run(*args, launcher=None, script=None, check=True):
+    if launcher == "deepspeed":
+        deepspeed = Path(sys.executable).parent / "deepspeed"
+        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29741", "launch/adapt.py"]
+    elif script:
+        cmd = [sys.executable, "-c", script]
+    else:
+        cmd = [sys.executable, "launch/adapt.py"]
+    result = subprocess.run(
+        [*cmd, *args], cwd=REPO, env=unplaced_env(), capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _log(out):
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_adapt_writes_log_plot_and_an_adapted_pt_for_sam_predictor(domain, tiny_ckpt, tmp_path):
+    out = tmp_path / "run"
+    args = ["--ckpt", str(tiny_ckpt), "--data", str(domain), "--out", str(out)]
+    result = _run(
+        *args,
+        "--method",
+        "lora",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--val-every",
+        "2",
+        "--merge",
+        "--engine",
+        "torch",
+        *BASE,
+    )
+    assert "8 pairs, 0 skipped" in result.stdout and "before adaptation: val IoU" in result.stdout
+    rows = _log(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [bool(r["val_iou"]) for r in rows] == [False, True, False, True]
+    assert all(0 <= float(r["val_iou"]) <= 1 for r in rows if r["val_iou"])
+    assert (out / "training.png").stat().st_size > 10_000
+    assert set(json.loads((out / "val_before.json").read_text())) == {
+        "val_iou",
+        "val_dice",
+        "val_area_ratio",
+    }
+    meta = read_adapted_meta(out / "adapted.pt")
+    assert meta["method"] == "lora" and meta["merged"] and meta["step"] == 4
+    assert meta["base"]["sha256"] == file_sha256(tiny_ckpt)
+    sam = load_sam(out / "adapted.pt")
+    predictor = SamPredictor(sam)
+    predictor.set_image(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    masks, scores, _ = predictor.predict(box=np.array([0, 0, 70, 50]), multimask_output=False)
+    assert masks.shape == (1, 50, 70) and np.isfinite(scores).all()
+    again = _run(*args, "--method", "lora", "--steps", "4", *BASE, check=False)
+    assert again.returncode == 2 and "--resume auto" in again.stderr
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, runpy, signal, sys
+    sys.path.insert(0, {repo!r})
+    import distill.logs
+    write = distill.logs.StepLog.write
+    def write_then_die(self, step, values):
+        write(self, step, values)
+        if step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    distill.logs.StepLog.write = write_then_die
+    sys.argv = ["launch/adapt.py", *{args!r}]
+    runpy.run_path("launch/adapt.py", run_name="__main__")
+    """
+)
+
+
+def _state(path):
+    return load_sam(path).state_dict()
+
+
+def test_sigkill_then_resume_auto_equals_an_uninterrupted_run(domain, tiny_ckpt, tmp_path):
+    args = [
+        "--ckpt",
+        str(tiny_ckpt),
+        "--data",
+        str(domain),
+        "--method",
+        "conv_lora",
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--val-every",
+        "3",
+        *BASE,
+    ]
+    killed = tmp_path / "killed"
+    run = _run(
+        script=KILLER.format(repo=str(REPO), kill_at=5, args=[*args, "--out", str(killed)]),
+        check=False,
+    )
+    assert run.returncode == -9, run.stderr[-2000:]
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step00000003"
+    resumed = _run(*args, "--out", str(killed), "--resume", "auto")
+    assert "at step 3" in resumed.stdout
+    _run(*args, "--out", str(tmp_path / "straight"))
+    assert [int(r["step"]) for r in _log(killed)] == list(range(1, 7))
+    a, b = _state(killed / "adapted.pt"), _state(tmp_path / "straight" / "adapted.pt")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    losses = lambda out: [float(r["loss_total"]) for r in _log(out)]  # noqa: E731
+    np.testing.assert_allclose(losses(killed), losses(tmp_path / "straight"), rtol=1e-5)
+    # The checkpoint holds what trains, not the frozen base encoder it rests on.
+    ckpt = next((killed / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))
+    module = torch.load(ckpt, weights_only=False)["module"]  # this test's own file
+    assert any(".lora_B." in k for k in module) and any("mask_decoder" in k for k in module)
+    assert not any(k.endswith("qkv.base.weight") or "patch_embed" in k for k in module)
+
+
+def test_resume_refuses_another_base(domain, tiny_ckpt, tmp_path):
+    other = tmp_path / "other.pth"
+    state = torch.load(tiny_ckpt, weights_only=True)
+    state["mask_decoder.iou_token.weight"] = state["mask_decoder.iou_token.weight"] + 1
+    torch.save(state, other)
+    args = [
+        "--data",
+        str(domain),
+        "--out",
+        str(tmp_path / "r"),
+        "--method",
+        "decoder",
+        "--batch-size",
+        "2",
+        "--engine",
+        "torch",
+        *BASE,
+    ]
+    _run("--ckpt", str(tiny_ckpt), "--steps", "2", *args)
+    refused = _run("--ckpt", str(other), "--steps", "3", "--resume", "auto", *args, check=False)
+    assert refused.returncode == 2
+    assert file_sha256(other) in refused.stderr and file_sha256(tiny_ckpt) in refused.stderr
+
+
+def test_one_and_two_processes_give_the_same_losses(domain, tiny_ckpt, tmp_path):
+    args = [
+        "--ckpt",
+        str(tiny_ckpt),
+        "--data",
+        str(domain),
+        "--method",
+        "conv_lora",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "1",
+        "--val-every",
+        "2",
+        "--zero-stage",
+        "1",
+        *BASE,
+    ]
+    _run(*args, "--out", str(tmp_path / "one"))
+    _run(*args, "--out", str(tmp_path / "two"), launcher="deepspeed")
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    for column in ("loss_total", "loss_aux"):
+        a = np.array([float(r[column]) for r in one])
+        b = np.array([float(r[column]) for r in two])
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    val = lambda rows: [float(r["val_iou"]) for r in rows if r["val_iou"]]  # noqa: E731
+    np.testing.assert_allclose(val(one), val(two), atol=1e-6)
+
+
+def test_bad_training_input_is_counted_or_stops_naming_the_file(domain, tiny_ckpt, tmp_path):
+    import shutil
+
+    data = tmp_path / "dom"
+    shutil.copytree(domain, data)
+    (data / "train" / "masks" / "train_00003.png").unlink()  # an image without a mask
+    Image.new("L", (20, 20), 255).save(data / "train" / "masks" / "train_00004.png")  # wrong size
+    args = [
+        "--ckpt",
+        str(tiny_ckpt),
+        "--data",
+        str(data),
+        "--method",
+        "decoder",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--engine",
+        "torch",
+        *BASE,
+    ]
+    result = _run(*args, "--out", str(tmp_path / "skip"))
+    assert "7 pairs, 1 skipped: 1 no_mask" in result.stdout
+    rows = _log(tmp_path / "skip")
+    assert int(rows[-1]["num_bad"]) == 1  # the wrong-size mask, met and replaced
+    stop = _run(*args, "--out", str(tmp_path / "stop"), "--on-bad", "stop", check=False)
+    assert stop.returncode == 2 and "train_00003.png" in stop.stderr and "no mask" in stop.stderr
