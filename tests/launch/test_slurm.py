@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from eval.synthetic import make_coco
+from eval.synthetic_domain import make_domain
 from students.export import load_sam, read_export_meta
 from teachers.cache import plan_cache
 from tests.conftest import REPO
@@ -134,6 +135,22 @@ def test_distill_job_trains_on_two_tasks_and_exports(slurm, work, run):
     assert (folder / "checkpoints" / "latest").read_text().strip() == "step00000006"
     meta = read_export_meta(folder / "student.pt")
     assert meta["step"] == 6 and meta["student"]["name"] == "dfa_t"
+
+
+def test_adapt_job_adapts_the_distilled_student_on_two_tasks(slurm, work, run):
+    """The pipeline's next stage on the cluster: adapt.sbatch on the student distill.sbatch made."""
+    data = make_domain(work / "domain", num_train=4, num_val=2, size=64)
+    out = work / "adapt"
+    env = dict(CKPT=str(run[0] / "student.pt"), DATA=str(data), OUT=str(out), METHOD="conv_lora")
+    env |= dict(STEPS="4", BATCH_SIZE="2")
+    args = ["--workers", "0", "--device", "cpu", "--val-every", "2"]
+    job_id = submit(slurm, work, "adapt.sbatch", env, ["--ntasks", "2"], args)
+    log = completed(slurm, work, "sam-adapt", job_id)
+    assert f"2 tasks, master {slurm.node}:{20000 + int(job_id) % 10000}" in log, log
+    assert "before adaptation: val IoU" in log and "step 4/4" in log and "exported" in log
+    assert logged_steps(out) == [1, 2, 3, 4]
+    sam = load_sam(out / "adapted.pt")
+    assert sam.image_encoder.adapter_name == "conv_lora"
 
 
 def test_eval_job_merges_the_parts_of_two_tasks(slurm, work, run):
