@@ -27,7 +27,7 @@ from distill.engine import Engine, build_engine, prepare_run_dir, start_processe
 from distill.logs import RunProgress, plot_adapt
 from distill.losses import MASK_LOSSES
 from distill.preempt import StopRequest
-from eval.mask_data import Skips, iter_pairs, list_pairs
+from eval.mask_data import Skips, coco_split, iter_pairs, list_pairs
 from eval.mask_metrics import binary_dice, binary_iou
 from students import load_sam
 from students.adapters.export import adapt_sam, save_adapted
@@ -101,6 +101,10 @@ class Validation:
 
 def open_batches(cfg: AdaptConfig, engine: Engine, job, mine, base_sha: str) -> MaskBatches:
     """This process's training micro-batches, continued where the checkpoint left them."""
+    if coco_split(cfg.data, "train") is not None and cfg.prompt != "gt_box":
+        raise ValueError(
+            f"--data {cfg.data} holds COCO instances, several per image: use --prompt gt_box"
+        )
     skips = Skips()
     pairs = list_pairs(cfg.data, "train", on_bad=cfg.on_bad, skips=skips)
     if engine.env.rank == 0:

@@ -15,6 +15,13 @@ is read as 0/1 labels. Which masks count as binary:
   thresholded at 128 and only values in the ambiguous band `JPEG_GRAY` (32..223) count against
   the same 2 %.
 
+COCO instance annotations are a second source: when `ROOT/annotations/instances_{split}2017.json`
+(or `instances_{split}.json`) exists, every non-crowd instance of at least `MIN_INSTANCE_AREA`
+pixels is one pair, its image in `ROOT/{split}2017/` (or `ROOT/{split}/`) and its mask rasterised
+from the annotation by `pycocotools.mask` (polygons merged, RLE decoded); crowd and smaller
+instances are counted as skips (`crowd`, `small`). Such pairs need a ground-truth box prompt: an
+image holds several instances.
+
 Bad input is a named `MaskDataError` (a ValueError) with `on_bad="stop"`, or a skip counted in a
 `Skips` with its reason under `on_bad="skip"`. Image pixels are used as stored (the EXIF tag is
 ignored), like `teachers.preprocess.decode_image`, which reads them.
@@ -23,6 +30,7 @@ ignored), like `teachers.preprocess.decode_image`, which reads them.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_utils
 from PIL import Image
 
 from teachers.preprocess import decode_image
@@ -43,6 +52,7 @@ FOREGROUND_ABOVE = 128
 GRAY_FRACTION = 0.02
 JPEG_GRAY = (32, 223)
 ON_BAD = ("stop", "skip")
+MIN_INSTANCE_AREA = 64  # pixels; smaller COCO instances are skipped
 
 
 class MaskDataError(ValueError):
@@ -85,13 +95,23 @@ class EmptyMaskError(MaskDataError):
     reason = "empty_mask"
 
 
+class CrowdInstanceError(MaskDataError):
+    reason = "crowd"
+
+
+class SmallInstanceError(MaskDataError):
+    reason = "small"
+
+
 @dataclass(frozen=True)
 class MaskPair:
-    """One sample: its stem `name`, the image file and the mask file."""
+    """One sample: its `name`, the image file and the mask file; for a COCO instance, `mask` is
+    the annotation file and `coco` the instance's {"segmentation", "height", "width"}."""
 
     name: str
     image: Path
     mask: Path
+    coco: dict | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass
@@ -152,18 +172,68 @@ def _split_dirs(root: str | Path, split: str) -> tuple[Path, Path]:
         if not path.is_dir():
             raise ValueError(
                 f"mask dataset folder not found: {path} (expected ROOT/{split}/images and "
-                f"ROOT/{split}/masks, the COD10K/CAMO/ISTD/Kvasir layout)"
+                f"ROOT/{split}/masks, the COD10K/CAMO/ISTD/Kvasir layout, or COCO's "
+                f"ROOT/annotations/instances_{split}2017.json)"
             )
     return split_dir / "images", split_dir / "masks"
+
+
+def coco_split(root: str | Path, split: str) -> tuple[Path, Path] | None:
+    """(annotation file, image folder) when `root` holds COCO instance annotations for `split`."""
+    for name in (f"{split}2017", split):
+        path = Path(root) / "annotations" / f"instances_{name}.json"
+        if path.is_file():
+            return path, Path(root) / name
+    return None
+
+
+def coco_pairs(
+    ann_file: Path, image_dir: Path, on_bad: str = "stop", skips: Skips | None = None
+) -> list[MaskPair]:
+    """One pair per non-crowd COCO instance of at least `MIN_INSTANCE_AREA` pixels, by id."""
+    try:
+        gt = json.loads(ann_file.read_text())
+        images = {img["id"]: img for img in gt["images"]}
+        anns = sorted(gt["annotations"], key=lambda a: a["id"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{ann_file}: not a readable COCO annotation file ({err})") from err
+    pairs = []
+    for ann in anns:
+        img = images.get(ann["image_id"])
+        if img is None:
+            raise ValueError(
+                f"{ann_file}: annotation {ann['id']} names image {ann['image_id']}, which is not listed"
+            )
+        name = f"{Path(img['file_name']).stem}_ann{ann['id']}"
+        if ann.get("iscrowd"):
+            _handle(
+                CrowdInstanceError(ann_file, f"annotation {ann['id']} is a crowd region"),
+                on_bad,
+                skips,
+            )
+            continue
+        if ann.get("area", 0) < MIN_INSTANCE_AREA:
+            message = (
+                f"annotation {ann['id']} has {ann.get('area', 0):g} pixels (< {MIN_INSTANCE_AREA})"
+            )
+            _handle(SmallInstanceError(ann_file, message), on_bad, skips)
+            continue
+        coco = {"segmentation": ann["segmentation"], "height": img["height"], "width": img["width"]}
+        pairs.append(MaskPair(name, image_dir / img["file_name"], ann_file, coco))
+    return pairs
 
 
 def list_pairs(
     root: str | Path, split: str, *, on_bad: str = "stop", skips: Skips | None = None
 ) -> list[MaskPair]:
-    """The image/mask pairs of `root/split`, sorted by name. Checks only what the file names show
-    (an image without a mask, a mask without an image, a duplicate stem); `load_pair` or
-    `iter_pairs` check the pixels. Skips under `on_bad="skip"` are counted in `skips`."""
+    """The image/mask pairs of `root/split`, sorted by name (COCO instances: by annotation id).
+    Checks only what the file names show (an image without a mask, a mask without an image, a
+    duplicate stem); `load_pair` or `iter_pairs` check the pixels. Skips under `on_bad="skip"`
+    are counted in `skips`."""
     _check_on_bad(on_bad)
+    coco = coco_split(root, split)
+    if coco is not None:
+        return coco_pairs(*coco, on_bad, skips)
     image_dir, mask_dir = _split_dirs(root, split)
     images = _by_stem(image_dir, IMAGE_SUFFIXES, on_bad, skips)
     masks = _by_stem(mask_dir, MASK_SUFFIXES, on_bad, skips)
@@ -177,6 +247,23 @@ def list_pairs(
             err = MissingMaskError(images[stem], f"no mask {stem}.* in {mask_dir}")
             _handle(err, on_bad, skips)
     return pairs
+
+
+def _coco_mask(pair: MaskPair) -> np.ndarray:
+    """[H, W] bool mask of a COCO instance (polygons merged, RLE decoded, by pycocotools)."""
+    seg, h, w = pair.coco["segmentation"], pair.coco["height"], pair.coco["width"]
+    try:
+        if isinstance(seg, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg.get("counts"), list):
+            rle = mask_utils.frPyObjects(seg, h, w)
+        else:
+            rle = seg
+        return mask_utils.decode(rle).astype(bool)
+    except Exception as err:  # pycocotools raises several types for malformed segmentations
+        raise UnreadableFileError(
+            pair.mask, f"{pair.name}: cannot rasterise its segmentation ({err})"
+        ) from err
 
 
 def _read_mask_gray(path: Path) -> np.ndarray:
@@ -213,6 +300,16 @@ def load_pair(pair: MaskPair, *, allow_empty: bool = False) -> tuple[np.ndarray,
         image = decode_image(pair.image.read_bytes(), str(pair.image))
     except (OSError, ValueError) as err:
         raise UnreadableFileError(pair.image, f"cannot read image: {err}") from err
+    if pair.coco is not None:
+        mask = _coco_mask(pair)
+        if mask.shape != image.shape[:2]:
+            raise MaskSizeError(
+                pair.image,
+                f"is {image.shape[1]}x{image.shape[0]} but {pair.mask.name} says {mask.shape[1]}x{mask.shape[0]} (W x H)",
+            )
+        if not allow_empty and not mask.any():
+            raise EmptyMaskError(pair.mask, f"{pair.name}: the instance mask has no pixel")
+        return image, mask
     gray = _read_mask_gray(pair.mask)
     if gray.shape != image.shape[:2]:
         raise MaskSizeError(

@@ -239,3 +239,17 @@ def test_bad_training_input_is_counted_or_stops_naming_the_file(domain, tiny_ckp
     assert int(rows[-1]["num_bad"]) == 1  # the wrong-size mask, met and replaced
     stop = _run(*args, "--out", str(tmp_path / "stop"), "--on-bad", "stop", check=False)
     assert stop.returncode == 2 and "train_00003.png" in stop.stderr and "no mask" in stop.stderr
+
+
+def test_adapt_trains_on_coco_instances_with_gt_boxes(tiny_ckpt, tmp_path):
+    from eval.synthetic import make_coco
+
+    make_coco(tmp_path / "coco", split="train2017", num_images=4, seed=1)
+    make_coco(tmp_path / "coco", split="val2017", num_images=2, seed=2)
+    args = ["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "coco"), "--method", "decoder"]
+    args += ["--steps", "2", "--batch-size", "2", "--engine", "torch", *BASE]
+    refused = _run(*args, "--out", str(tmp_path / "full"), check=False)
+    assert refused.returncode == 2 and "--prompt gt_box" in refused.stderr
+    result = _run(*args, "--out", str(tmp_path / "gt"), "--prompt", "gt_box")
+    assert "crowd" in result.stdout and "exported" in result.stdout
+    assert [int(r["step"]) for r in _log(tmp_path / "gt")] == [1, 2]

@@ -254,3 +254,26 @@ def test_make_domain_rejects_bad_arguments(tmp_path: Path) -> None:
         make_domain(tmp_path, num_train=0, num_val=0)
     with pytest.raises(ValueError, match="image_suffix"):
         make_domain(tmp_path, image_suffix=".gif")
+
+
+def test_coco_instances_are_a_second_source(tmp_path):
+    from pycocotools.coco import COCO
+
+    from eval.mask_data import MIN_INSTANCE_AREA
+    from eval.synthetic import make_coco
+
+    ann_file = make_coco(tmp_path, split="train2017", num_images=6, seed=1)
+    skips = Skips()
+    pairs = list_pairs(tmp_path, "train", on_bad="skip", skips=skips)
+    api = COCO(str(ann_file))
+    anns = api.loadAnns(api.getAnnIds())
+    kept = [a for a in anns if not a["iscrowd"] and a["area"] >= MIN_INSTANCE_AREA]
+    assert len(pairs) == len(kept) > 0
+    assert skips.counts["crowd"] == sum(bool(a["iscrowd"]) for a in anns) > 0
+    assert skips.num_skipped == len(anns) - len(kept)
+    for pair, ann in zip(pairs, kept, strict=True):
+        image, mask = load_pair(pair)
+        np.testing.assert_array_equal(mask, api.annToMask(ann).astype(bool))  # the official API
+        assert image.shape[:2] == mask.shape and pair.name.endswith(f"_ann{ann['id']}")
+    with pytest.raises(ValueError, match="crowd region"):
+        list_pairs(tmp_path, "train")
