@@ -190,11 +190,7 @@ def train(cfg: AdaptConfig, stop: StopRequest | None = None) -> Path:
             line += f" val IoU {values['val_iou']:.4f} area ratio {values['val_area_ratio']:.2f}"
         progress.step(step + 1, values, line, loss=f"{losses['loss']:.4g}")
 
-    try:
-        engine.run(batches, ckpt_dir, start, record)
-    finally:
-        progress.close()
-        batches.close()
+    engine.run(batches, ckpt_dir, start, record, also_close=(progress,))
     if env.rank == 0:
         export(cfg, model)
     engine.barrier()

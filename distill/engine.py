@@ -279,12 +279,23 @@ class Engine:
         )
         return client["step"], client["job"], mine
 
-    def run(self, batches: Iterator[dict], ckpt_dir: Path, start: int, record: RecordFn) -> None:
+    def run(
+        self, batches, ckpt_dir: Path, start: int, record: RecordFn, also_close: tuple = ()
+    ) -> None:
         """The loop of every job: steps `start` .. `cfg.steps` - 1, one `step` each, then
         `record(step, losses, seconds)` (the job's log line, validation; 0-based step) and a
         checkpoint every `checkpoint_every` steps, at the last step and when a signal stopped
-        the run, which then raises `Preempted`. `batches` also gives the job state to save:
-        `batches.job_state()` (shared) and `batches.rank_state()` (this process's)."""
+        the run, which then raises `Preempted`. `batches` (an iterator of micro-batches) also
+        gives the job state to save: `batches.job_state()` (shared) and `batches.rank_state()`
+        (this process's). However the loop ends, `batches.close()` ends its loader workers and
+        every object of `also_close` (e.g. the progress bar) is closed."""
+        try:
+            self._loop(batches, ckpt_dir, start, record)
+        finally:
+            for closing in (*also_close, batches):
+                closing.close()
+
+    def _loop(self, batches, ckpt_dir: Path, start: int, record: RecordFn) -> None:
         cfg, saved = self.cfg, None
         for step in range(start, cfg.steps):
             tic = time.perf_counter()

@@ -98,13 +98,7 @@ def plot_run(out: Path, pair_names: list[str]) -> Path:
     axes[1].set(xlabel="step", title="DLD weight per pair", ylim=(-0.02, 1.02))
     axes[2].plot(steps, [float(r["lr"]) for r in rows])
     axes[2].set(xlabel="step", title="learning rate")
-    for ax in axes[:2]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[:2], out / "training.png")
 
 
 def plot_dld_modes(path: Path, pair_names: list[str], **kwargs: float) -> Path:
@@ -157,10 +151,16 @@ def plot_adapt(out: Path) -> Path:
     axes[2].plot(val_steps, [float(r["val_area_ratio"]) for r in val], "o-")
     axes[2].axhline(1.0, color="gray", lw=0.8)
     axes[2].set(xlabel="step", title="predicted / true mask area (val)")
-    for ax in axes[:2]:
+    return _save(fig, axes[:2], out / "training.png")
+
+
+def _save(fig, legends, path: Path) -> Path:
+    """Legends on `legends`, tight layout, `path` written at 100 dpi, the figure closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in legends:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "training.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

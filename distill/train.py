@@ -205,11 +205,7 @@ def train(cfg: DistillConfig, stop: StopRequest | None = None) -> Path:
         corrupt = int(engine.all_reduce([float(streams.num_corrupt)])[0])
         log_step(progress, step, losses, loss.weights(step), engine, corrupt, seconds)
 
-    try:
-        engine.run(streams, ckpt_dir, start, record)
-    finally:
-        progress.close()
-        streams.close()
+    engine.run(streams, ckpt_dir, start, record, also_close=(progress,))
     if env.rank == 0:
         export(cfg, model, cache, loss.pairs)
     engine.barrier()  # the others wait for the export

@@ -1,8 +1,10 @@
-"""The settings of one evaluation run; `eval/cli.py` makes the entry scripts' flags from them."""
+"""The settings of one evaluation run: `EvalConfig` (COCO/LVIS, whose flags `eval/cli.py` makes)
+and `MaskEvalConfig` (binary-mask domains, `eval/masks.py`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -109,3 +111,70 @@ class EvalConfig:
     @property
     def task_protocol(self) -> Protocol:
         return Protocol.named(self.protocol, self.single_mask, self.no_crowd)
+
+
+MASK_PROMPTS = ("full_box", "gt_box")  # distill.adapt_data.prompt_box
+DEVICES = ("auto", "cpu", "cuda")
+ON_BAD = ("skip", "stop")  # eval.mask_data
+
+
+@dataclass
+class MaskEvalConfig:
+    """One evaluation of an adapted model (or any SAM) on a binary-mask split (`eval/masks.py`)."""
+
+    ckpt: str = ""
+    """The model: an adapted.pt (launch/adapt.py), a student.pt or an official SAM checkpoint."""
+    data: str = ""
+    """Dataset folder: SPLIT/images and SPLIT/masks (COD10K, CAMO, ISTD, Kvasir-SEG, ISIC after
+    renaming) or COCO instances (annotations/instances_SPLIT.json)."""
+    split: str = "val"
+    """The split folder under --data."""
+    prompt: str = field(default="full_box", metadata={"metavar": "full_box|gt_box"})
+    """Box prompt per image: full_box (the whole image, prompt-free) or gt_box (the ground-truth
+    mask's box); use the one the model was adapted with."""
+    compare_ckpt: str | None = None
+    """A second model on the same images and prompts, in the same table, and the difference."""
+    base: str | None = None
+    """Base checkpoint of an adapted.pt whose recorded base path is not there (its sha256 must
+    match)."""
+    out: str | None = None
+    """Output JSON: figures per model, per-image IoU, skips."""
+    device: str = field(default="auto", metadata={"metavar": "auto|cpu|cuda"})
+    """auto (cuda when visible), cpu or cuda."""
+    limit: int | None = field(default=None, metadata={"metavar": "N"})
+    """Score only the first N images (by name) that load."""
+    on_bad: str = field(default="skip", metadata={"metavar": "skip|stop"})
+    """A bad image/mask pair is skipped and counted (skip) or stops the run (stop)."""
+    vis: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Folder for overlay PNGs: the image, then each model's mask, the GT contour on all."""
+    vis_limit: int = field(default=8, metadata={"metavar": "N"})
+    """Overlays for at most this many images."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if not self.ckpt:
+            raise ValueError("--ckpt is required (an adapted.pt, a student.pt or a SAM checkpoint)")
+        if not self.data:
+            raise ValueError("--data is required (the folder holding SPLIT/images, SPLIT/masks)")
+        if not Path(self.data).is_dir():
+            raise ValueError(f"--data {self.data}: no such folder")
+        for flag, value, choices in (
+            ("--prompt", self.prompt, MASK_PROMPTS),
+            ("--device", self.device, DEVICES),
+            ("--on-bad", self.on_bad, ON_BAD),
+        ):
+            if value not in choices:
+                raise ValueError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.vis_limit < 0:
+            raise ValueError(f"--vis-limit must be at least 0, got {self.vis_limit}")
+
+    @property
+    def torch_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,23 @@ def tiny_ckpt(tmp_path_factory, tiny_sam) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "sam_vit_tiny.pth"
     torch.save(tiny_sam.state_dict(), path)
     return path
+
+
+def killer_script(entry: str, kill_at: int) -> str:
+    """`python -c` code that runs the entry script `entry` (e.g. "launch/distill.py") with the
+    process's arguments and SIGKILLs itself right after log.csv got the row of step `kill_at`."""
+    return textwrap.dedent(
+        f"""
+        import os, runpy, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import distill.logs
+        write = distill.logs.StepLog.write
+        def write_then_die(self, step, values):
+            write(self, step, values)
+            if step == {kill_at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+        distill.logs.StepLog.write = write_then_die
+        sys.argv = [{entry!r}, *sys.argv[1:]]
+        runpy.run_path({entry!r}, run_name="__main__")
+        """
+    )

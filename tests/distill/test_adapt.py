@@ -7,7 +7,6 @@ import csv
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from eval.synthetic_domain import make_domain
 from students import load_sam
 from students.adapters.export import read_adapted_meta
 from teachers.build import file_sha256
-from tests.conftest import REPO, unplaced_env
+from tests.conftest import REPO, killer_script, unplaced_env
 
 pytestmark = pytest.mark.slow
 
@@ -94,23 +93,6 @@ def test_adapt_writes_log_plot_and_an_adapted_pt_for_sam_predictor(domain, tiny_
     assert again.returncode == 2 and "--resume auto" in again.stderr
 
 
-KILLER = textwrap.dedent(
-    """
-    import os, runpy, signal, sys
-    sys.path.insert(0, {repo!r})
-    import distill.logs
-    write = distill.logs.StepLog.write
-    def write_then_die(self, step, values):
-        write(self, step, values)
-        if step == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-    distill.logs.StepLog.write = write_then_die
-    sys.argv = ["launch/adapt.py", *{args!r}]
-    runpy.run_path("launch/adapt.py", run_name="__main__")
-    """
-)
-
-
 def _state(path):
     return load_sam(path).state_dict()
 
@@ -134,10 +116,8 @@ def test_sigkill_then_resume_auto_equals_an_uninterrupted_run(domain, tiny_ckpt,
         *BASE,
     ]
     killed = tmp_path / "killed"
-    run = _run(
-        script=KILLER.format(repo=str(REPO), kill_at=5, args=[*args, "--out", str(killed)]),
-        check=False,
-    )
+    script = killer_script("launch/adapt.py", kill_at=5)
+    run = _run(*args, "--out", str(killed), script=script, check=False)
     assert run.returncode == -9, run.stderr[-2000:]
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step00000003"
     resumed = _run(*args, "--out", str(killed), "--resume", "auto")

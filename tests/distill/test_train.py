@@ -21,7 +21,7 @@ from eval.synthetic import make_coco
 from students.export import load_sam, read_export_meta
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
-from tests.conftest import REPO, unplaced_env
+from tests.conftest import REPO, killer_script, unplaced_env
 
 pytestmark = pytest.mark.slow
 
@@ -138,23 +138,6 @@ def test_one_and_two_ranks_give_the_same_loss_trajectory(cache, tmp_path):
     assert a[-1] < a[0]
 
 
-KILLER = textwrap.dedent(
-    """
-    import os, runpy, signal, sys
-    sys.path.insert(0, {repo!r})
-    import distill.logs
-    write = distill.logs.StepLog.write
-    def write_then_die(self, step, values):
-        write(self, step, values)
-        if step == {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-    distill.logs.StepLog.write = write_then_die
-    sys.argv = ["launch/distill.py", *sys.argv[1:]]
-    runpy.run_path("launch/distill.py", run_name="__main__")
-    """
-)
-
-
 def test_sigkill_then_resume_auto_ends_with_the_weights_of_an_uninterrupted_run(cache, tmp_path):
     args = [
         "--shards",
@@ -173,7 +156,7 @@ def test_sigkill_then_resume_auto_ends_with_the_weights_of_an_uninterrupted_run(
         *args,
         "--out",
         str(tmp_path / "killed"),
-        script=KILLER.format(repo=str(REPO), kill_at=6),
+        script=killer_script("launch/distill.py", kill_at=6),
         check=False,
     )
     assert killed.returncode == -9

@@ -29,11 +29,11 @@ def _value_and_grads(fn, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, tup
     return out.float().detach(), tuple(g.float() for g in grads)
 
 
-def _assert_close(got, want, atol: float = ATOL) -> None:
+def _assert_close(got, want, atol: float = ATOL, rtol: float = 0.0) -> None:
     (out, grads), (ref_out, ref_grads) = got, want
-    torch.testing.assert_close(out, ref_out, atol=atol, rtol=0)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
     for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r, atol=atol, rtol=0)
+        torch.testing.assert_close(g, r, atol=atol, rtol=rtol)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:  # [B, nh, H, W, d] -> [B, nh, H*W, d]
@@ -170,7 +170,9 @@ def test_module_fused_matches_reference() -> None:
         out.square().sum().backward()
         outs.append((out.detach(), tuple(p.grad for p in module.parameters())))
     assert outs[0][0].shape == (2, 9, 10, 32)
-    _assert_close(outs[0], outs[1])
+    # Parameter gradients sum over every token (magnitudes near 100): float32 summation order
+    # differs between the two backends by a few ulps of that, so relative as well as absolute.
+    _assert_close(outs[0], outs[1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
