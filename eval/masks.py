@@ -26,10 +26,20 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
+from distill.adapt_data import prompt_box  # noqa: E402
 from eval.config import MaskEvalConfig  # noqa: E402
 from eval.mask_data import MaskDataError, Skips, coco_split, iter_pairs, list_pairs  # noqa: E402
 from eval.mask_metrics import THRESHOLD, MaskScores  # noqa: E402
+from eval.parts import write_json  # noqa: E402
+from eval.vis import blend  # noqa: E402
+from students import load_sam  # noqa: E402
+from students.adapters.model import PromptedSam, predict_prob  # noqa: E402
+from teachers.flags import add_config_flags  # noqa: E402
 
 # (result key, column title, format); BER is x 100, the others in [0, 1].
 COLUMNS = (
@@ -44,8 +54,6 @@ COLUMNS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from teachers.flags import add_config_flags
-
     p = argparse.ArgumentParser(
         prog="eval/masks.py",
         description=__doc__,
@@ -60,12 +68,6 @@ def save_mask_overlay(
 ) -> None:
     """One PNG: the image, then per (title, prob [H, W]) its mask `prob > 0.5` tinted; the GT
     contour (green) on every panel, the box prompt on the model panels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    from eval.vis import blend
-
     h, w = gt.shape
     n = 1 + len(panels)
     fig = Figure(figsize=(3.2 * n, 3.2 * h / w + 0.4), dpi=100)
@@ -96,12 +98,6 @@ def difference(a: dict, b: dict) -> dict:
 
 def evaluate(cfg: MaskEvalConfig) -> dict:
     """Score --ckpt (and --compare-ckpt) on every pair of the split that loads; the summary."""
-    from tqdm import tqdm
-
-    from distill.adapt_data import prompt_box
-    from students import load_sam
-    from students.adapters.model import PromptedSam, predict_prob
-
     if coco_split(cfg.data, cfg.split) is not None and cfg.prompt != "gt_box":
         raise ValueError(
             f"--data {cfg.data} holds COCO instances, several per image: use --prompt gt_box"
@@ -122,7 +118,10 @@ def evaluate(cfg: MaskEvalConfig) -> dict:
             for s, prob in zip(scores, probs, strict=True):
                 s.add(prob, mask)
             if cfg.vis and len(names) < cfg.vis_limit:
-                titles = [f"{Path(c).name}: IoU {s.ious[-1]:.3f}" for c, s in zip(ckpts, scores)]
+                titles = [
+                    f"{Path(c).name}: IoU {s.ious[-1]:.3f}"
+                    for c, s in zip(ckpts, scores, strict=True)
+                ]
                 path = Path(cfg.vis) / f"{len(names):03d}_{pair.name}.png"
                 save_mask_overlay(path, image, mask, box, list(zip(titles, probs, strict=True)))
             names.append(pair.name)
@@ -141,11 +140,10 @@ def evaluate(cfg: MaskEvalConfig) -> dict:
         "num_images": len(names),
         "limit": cfg.limit,
         "skips": {
+            "summary": skips.summary(),
             "num_skipped": skips.num_skipped,
             "counts": dict(sorted(skips.counts.items())),
-            "entries": [
-                {"path": str(p), "reason": r, "message": m} for p, r, m in skips.entries
-            ],
+            "entries": [{"path": str(p), "reason": r, "message": m} for p, r, m in skips.entries],
         },
         "images": names,
         "models": [
@@ -172,7 +170,7 @@ def format_table(summary: dict) -> str:
     head = f"{'model':<{width}}  " + "  ".join(f"{t:>8}" for _, t, _ in COLUMNS)
     lines = [
         f"{summary['data']} {summary['split']}: {summary['num_images']} images, prompt "
-        f"{summary['prompt']}, {Skips(summary['skips']['counts']).summary()}",
+        f"{summary['prompt']}, {summary['skips']['summary']}",
         head,
         "-" * len(head),
     ]
@@ -184,8 +182,6 @@ def format_table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, evaluate, print the table, write --out; user mistakes print one line, return 2."""
-    from eval.parts import write_json
-
     args = vars(build_parser().parse_args(argv))
     try:
         cfg = MaskEvalConfig(**args)
