@@ -1,5 +1,6 @@
 """The README's first command: the demo runs end to end on generated data."""
 
+import json
 import subprocess
 import sys
 
@@ -20,6 +21,8 @@ def test_demo_runs(tmp_path):
             "--num-images",
             "8",
             "--steps",
+            "20",
+            "--adapt-steps",
             "20",
             "--speed-models",
             "dfa_t,dfa_s",
@@ -43,3 +46,11 @@ def test_demo_runs(tmp_path):
         and len(list((tmp_path / "overlays").glob("*.png"))) == 8
     )
     assert "| dfa_s | 1024 |" in result.stdout
+    # The adapt stage: CAD on the distilled student, scored beside the un-adapted one.
+    assert "adaptation  CAD on the frozen student: val IoU" in result.stdout
+    scored = json.loads((tmp_path / "masks.json").read_text())
+    assert [m["ckpt"] for m in scored["models"]] == [
+        str(tmp_path / "adapt" / "adapted.pt"),
+        str(tmp_path / "run" / "student.pt"),
+    ]
+    assert scored["num_images"] == 8 and (tmp_path / "adapt" / "training.png").exists()
