@@ -17,6 +17,7 @@ from distill.schedule import DLD_MODES
 
 PRECISIONS = ("fp32", "bf16")
 ENGINES = ("deepspeed", "torch")
+PHASES = ("encoder", "decoder")
 
 
 def _check_choices(cfg: object) -> None:
@@ -124,8 +125,28 @@ class DistillConfig(TrainConfig):
 
     shards: str = ""
     """Cache folder (with manifest.json) or a glob of its shards."""
-    student: str = "dfa_s"
-    """Student registry name (see `students.list_students()`)."""
+    student: str | None = None
+    """Student registry name (see `students.list_students()`); default dfa_s, or the --init
+    file's student (a different name with --init is refused)."""
+    init: str | None = None
+    """A student.pt to start from (a phase-1 student for --phase decoder, or a pruned student):
+    the student's architecture and image-encoder weights come from it, the tap projections
+    start fresh."""
+    phase: str = field(default="encoder", metadata={"choices": PHASES})
+    """encoder: feature distillation (phase 1); decoder: prompt-in-the-loop alignment of the
+    masks the decoder draws from the student's embedding with the teacher's (phase 2, needs
+    --init and a cache with annotations)."""
+    tune: str = field(default="encoder", metadata={"choices": ("encoder", "decoder", "both")})
+    """--phase decoder: which parts train: the image encoder, the mask decoder (a copy of the
+    teacher's, exported in student.pt), or both. The prompt encoder stays frozen."""
+    max_prompts: int = 8
+    """--phase decoder: prompts per image, sampled from its annotations."""
+    decode_iters: int = 0
+    """--phase decoder: refinement clicks per prompt, each sampled where the student's and the
+    teacher's masks disagree, every one adding a decoding round to the loss."""
+    feature_weight: float = 0.0
+    """--phase decoder: weight of phase 1's feature loss (with its DLD weights) beside the mask
+    loss; 0 drops it."""
     dld: str = field(default="progressive", metadata={"choices": DLD_MODES})
     """Dynamic layer-wise weights: progressive, stepwise, final_only or uniform."""
     dld_floor: float = 0.2
@@ -158,6 +179,23 @@ class DistillConfig(TrainConfig):
         super().__post_init__()
         if self.shuffle_buffer < 1:
             raise ValueError(f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
+        if self.phase == "decoder":
+            if self.init is None:
+                raise ValueError(
+                    "--phase decoder starts from a phase-1 student: give --init STUDENT.pt"
+                )
+            if self.max_prompts < 1:
+                raise ValueError(f"--max-prompts must be at least 1, got {self.max_prompts}")
+            if self.decode_iters < 0:
+                raise ValueError(f"--decode-iters must be 0 or more, got {self.decode_iters}")
+            if self.feature_weight < 0:
+                raise ValueError(f"--feature-weight must be 0 or more, got {self.feature_weight}")
+            if self.tune == "decoder" and self.feature_weight > 0:
+                raise ValueError(
+                    "--feature-weight trains the encoder: it needs --tune encoder or both"
+                )
+        elif self.tune != "encoder":
+            raise ValueError(f"--tune {self.tune} needs --phase decoder")
 
 
 ADAPT_METHODS = ("conv_lora", "lora", "cad", "sam_adapter", "decoder")  # students.adapters

@@ -27,6 +27,7 @@ import torch
 import webdataset as wds
 
 from distill.preempt import ignore_in_worker, stop_workers
+from distill.prompting import NONE, sample_prompts
 from teachers.cache_read import decode_sample
 from teachers.preprocess import decode_image, preprocess, valid_mask
 from teachers.teacher import feature_names
@@ -93,6 +94,8 @@ class DataSpec:
     positions: dict[int, Position] = field(default_factory=dict)  # logical stream -> position
     first_micro_batch: int = 0  # micro-batches this rank consumed before (resume)
     num_corrupt: int = 0  # corrupt samples this rank skipped before (resume)
+    max_prompts: int = 0  # > 0: each sample also carries prompts from its annotations (phase 2)
+    num_unprompted: int = 0  # samples without a usable annotation this rank read before (resume)
 
 
 def _shard_split(shards: list[str], stream: int, total: int) -> list[str]:
@@ -104,7 +107,11 @@ class CacheStream(torch.utils.data.IterableDataset):
 
     Each batch: "image" [m, 3, S, S], "valid" [m, S/16, S/16] bool, "embed" [m, 256, S/16, S/16],
     "block{i}" [m, S/16, S/16, C], plus "stream", "position" and "num_corrupt" (samples skipped
-    since that stream's previous batch) for checkpoints and logs, and "keys".
+    since that stream's previous batch) for checkpoints and logs, and "keys". With
+    `max_prompts`, also "input_hw" [m, 2] and the prompts of `distill.prompting.sample_prompts`
+    ("prompt_box" [m, P, 4], "prompt_point" [m, P, 2], "prompt_kind" [m, P]), drawn by a
+    generator seeded with the run's seed, the sample's key and the stream's shard count, so
+    they do not depend on processes, workers or restarts.
     """
 
     def __init__(self, spec: DataSpec, layout: StreamLayout) -> None:
@@ -158,7 +165,7 @@ class CacheStream(torch.utils.data.IterableDataset):
             try:
                 if raw is None:
                     raise ValueError("unreadable tar")
-                batch.append(self._decode(raw))
+                batch.append(self._decode(raw, position[0]))
             except ValueError as err:
                 if self.spec.on_corrupt == "stop":
                     raise ValueError(
@@ -175,19 +182,26 @@ class CacheStream(torch.utils.data.IterableDataset):
                 }
                 batch, corrupt = [], 0
 
-    def _decode(self, raw: dict) -> dict:
+    def _decode(self, raw: dict, drawn: int) -> dict:
         sample = decode_sample(raw)
         fields = feature_names(self.spec.taps)
         missing = [f for f in fields if f not in sample.features]
         if missing:
             raise ValueError(f"sample {sample.key!r} in {raw.get('__url__')} lacks {missing}")
         pre = preprocess(decode_image(sample.image, sample.key), self.spec.img_size)
-        return {
+        out = {
             "key": sample.key,
             "image": pre.image,
             "valid": valid_mask(pre.input_hw, self.spec.img_size),
             **{f: sample.features[f] for f in fields},
         }
+        if self.spec.max_prompts:
+            rng = random.Random(f"{self.spec.seed}:{sample.key}:{drawn}")
+            out["input_hw"] = torch.tensor(pre.input_hw)
+            out |= sample_prompts(
+                sample.ann, pre.orig_hw, self.spec.img_size, self.spec.max_prompts, rng
+            )
+        return out
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -217,6 +231,7 @@ class StreamTracker:
         self.layout = layout
         self.positions: dict[int, Position] = dict(spec.positions)
         self.consumed, self.num_corrupt = spec.first_micro_batch, spec.num_corrupt
+        self.num_unprompted = spec.num_unprompted
         self._batches = iter(make_loader(spec, layout))
 
     def __iter__(self) -> StreamTracker:
@@ -227,6 +242,8 @@ class StreamTracker:
         self.consumed += 1
         self.positions[batch["stream"]] = tuple(batch["position"])
         self.num_corrupt += int(batch["num_corrupt"])
+        if "prompt_kind" in batch:
+            self.num_unprompted += int((batch["prompt_kind"].amax(1) == NONE).sum())
         return batch
 
     def close(self) -> None:
@@ -238,7 +255,11 @@ class StreamTracker:
         return {"layout": self.layout.key, "micro_batches": self.consumed}
 
     def rank_state(self) -> dict:
-        return {"positions": dict(self.positions), "num_corrupt": self.num_corrupt}
+        return {
+            "positions": dict(self.positions),
+            "num_corrupt": self.num_corrupt,
+            "num_unprompted": self.num_unprompted,
+        }
 
 
 def restore_streams(
@@ -251,6 +272,7 @@ def restore_streams(
     if job["layout"] == layout.key and mine is not None:
         spec.positions = {int(k): tuple(v) for k, v in mine["positions"].items()}
         spec.first_micro_batch, spec.num_corrupt = job["micro_batches"], mine["num_corrupt"]
+        spec.num_unprompted = mine.get("num_unprompted", 0)
         return
     print(
         "WARNING: processes, accumulation or loader workers changed since the checkpoint: "

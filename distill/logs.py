@@ -78,8 +78,9 @@ class RunProgress:
             self.log.close()
 
 
-def plot_run(out: Path, pair_names: list[str]) -> Path:
-    """OUT/training.png: loss per pair (log scale), DLD weights and learning rate over steps."""
+def plot_run(out: Path, pair_names: list[str], dld: bool = True) -> Path:
+    """OUT/training.png: loss per term (log scale), DLD weights (phase 1) or the images without
+    prompts (phase 2, `dld` False), and learning rate over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,10 +93,14 @@ def plot_run(out: Path, pair_names: list[str]) -> Path:
         values = [float(r[f"loss_{name}"]) for r in rows]
         if any(math.isfinite(v) and v > 0 for v in values):
             axes[0].plot(steps, values, label=name, lw=2 if name == "total" else 1)
-    axes[0].set(yscale="log", xlabel="step", title="distillation loss per pair")
-    for name in pair_names:
-        axes[1].plot(steps, [float(r[f"weight_{name}"]) for r in rows], label=name)
-    axes[1].set(xlabel="step", title="DLD weight per pair", ylim=(-0.02, 1.02))
+    axes[0].set(yscale="log", xlabel="step", title="distillation loss per term")
+    if dld:
+        for name in pair_names:
+            axes[1].plot(steps, [float(r[f"weight_{name}"]) for r in rows], label=name)
+        axes[1].set(xlabel="step", title="DLD weight per pair", ylim=(-0.02, 1.02))
+    else:
+        axes[1].plot(steps, [int(r["num_unprompted"]) for r in rows], label="without prompts")
+        axes[1].set(xlabel="step", title="images without a usable annotation (so far)")
     axes[2].plot(steps, [float(r["lr"]) for r in rows])
     axes[2].set(xlabel="step", title="learning rate")
     return _save(fig, axes[:2], out / "training.png")

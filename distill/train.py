@@ -13,7 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from segment_anything.modeling import Sam
 
+from distill.align import AlignLoss, set_trainable_parts
 from distill.config import DistillConfig
 from distill.data import DataSpec, StreamLayout, StreamTracker, restore_streams
 from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
@@ -22,25 +24,36 @@ from distill.losses import TapProjections, pair_losses, student_taps_for, weight
 from distill.preempt import StopRequest
 from distill.schedule import dld_weights, pair_every_from_epochs, step_progress
 from students import build_student
-from students.export import save_student
+from students.export import load_sam, read_export_meta, save_student
+from students.registry import DEFAULT_STUDENT
 from teachers.build import (
     TEACHER_SIZES,
     file_sha256,
-    load_sam_checkpoint,
     random_vit_tiny,
     read_checkpoint,
+    sam_from_state,
     sam_name_from_state,
 )
 from teachers.cache_read import CacheInfo, check_manifest, open_cache
 
 
 class DistillModel(torch.nn.Module):
-    """The student plus the projections of its tapped blocks (dropped at export)."""
+    """The student plus the projections of its tapped blocks (dropped at export); for phase 2
+    also SAM's prompt encoder and the student's own mask decoder (`distill.align`)."""
 
-    def __init__(self, student: torch.nn.Module, taps: list[int], teacher_width: int) -> None:
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        taps: list[int],
+        teacher_width: int,
+        heads: Sam | None = None,
+    ) -> None:
         super().__init__()
         self.student, self.taps = student, taps
         self.projections = TapProjections(student.embed_dim, teacher_width, len(taps))
+        if heads is not None:
+            self.prompt_encoder = heads.prompt_encoder
+            self.mask_decoder = heads.mask_decoder
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """image [B, 3, S, S] -> embedding [B, 256, S/16, S/16], projected taps [B, S/16, S/16, Ct]."""
@@ -69,18 +82,14 @@ class DistillLoss:
 
     def __call__(self, engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
         embed, taps = engine(batch["image"].to(engine.dtype))
+        return self.terms(embed, taps, batch, engine.step_index)
+
+    def terms(self, embed, taps, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """The weighted loss and each pair's loss of the student's outputs on `batch`."""
         targets = [batch[name] for name in self.pairs]
         losses = pair_losses(embed, taps, targets[-1], targets[:-1], batch["valid"])
-        weighted = weighted_loss(losses, self.weights(engine.step_index))
+        weighted = weighted_loss(losses, self.weights(step))
         return {"loss": weighted} | dict(zip(self.pairs, losses, strict=True))
-
-    def columns(self) -> list[str]:
-        names = ["loss_total"] + [f"loss_{p}" for p in self.pairs]
-        return (
-            names
-            + [f"weight_{p}" for p in self.pairs]
-            + ["lr", "images_per_s", "num_corrupt", "num_nonfinite"]
-        )
 
 
 def open_checked_cache(cfg: DistillConfig) -> tuple[CacheInfo, DistillConfig, list[str]]:
@@ -120,17 +129,46 @@ def open_checked_cache(cfg: DistillConfig) -> tuple[CacheInfo, DistillConfig, li
     return cache, replace(cfg, **facts), [k for k, v in stated.items() if v is None]
 
 
-def build_model(cfg: DistillConfig, teacher: str, teacher_taps: list[int]) -> DistillModel:
-    """The seeded student, its taps paired with the teacher's, and their projections."""
+def load_init(cfg: DistillConfig, cache: CacheInfo) -> tuple[DistillConfig, Sam | None]:
+    """The config with the student's name settled, and the `--init` student as a `Sam` (None
+    without --init). The file must be a student.pt of this cache's teacher and image size."""
+    if cfg.init is None:
+        return replace(cfg, student=cfg.student or DEFAULT_STUDENT), None
+    meta = read_export_meta(cfg.init)
+    name = meta["student"]["name"]
+    if cfg.student not in (None, name):
+        raise ValueError(f"--student {cfg.student} but --init {cfg.init} holds {name}")
+    if meta["img_size"] != cache.img_size:
+        raise ValueError(
+            f"--init {cfg.init} was trained at {meta['img_size']} px, the cache {cache.folder} "
+            f"holds {cache.img_size} px features"
+        )
+    if meta["teacher"]["sha256"] != cache.teacher_sha256:
+        raise ValueError(
+            f"--init {cfg.init} was distilled from another teacher (sha256 "
+            f"{meta['teacher']['sha256'][:12]}) than the cache {cache.folder} holds "
+            f"({cache.teacher_sha256[:12]})"
+        )
+    return replace(cfg, student=name), load_sam(cfg.init)
+
+
+def build_model(
+    cfg: DistillConfig, teacher: str, teacher_taps: list[int], init: Sam | None = None
+) -> DistillModel:
+    """The seeded student (or the `--init` one), its taps paired with the teacher's, and their
+    projections; for phase 2 with the init's prompt encoder and mask decoder."""
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, img_size=cfg.img_size)
+    if init is not None:
+        student = init.image_encoder.train()
     width, depth = TEACHER_SIZES[teacher]
     taps = list(cfg.student_taps or student_taps_for(teacher_taps, depth, len(student.blocks)))
     if len(taps) != len(teacher_taps):
         raise ValueError(
             f"--student-taps {taps} must pair one-to-one with teacher taps {teacher_taps}"
         )
-    return DistillModel(student, taps, width)
+    heads = init if cfg.phase == "decoder" else None
+    return DistillModel(student, taps, width, heads)
 
 
 def open_streams(cfg: DistillConfig, cache: CacheInfo, engine: Engine, job, mine) -> StreamTracker:
@@ -145,34 +183,47 @@ def open_streams(cfg: DistillConfig, cache: CacheInfo, engine: Engine, job, mine
         cfg.seed,
         cfg.shuffle_buffer,
         cfg.on_corrupt,
+        max_prompts=cfg.max_prompts if cfg.phase == "decoder" else 0,
     )
     restore_streams(spec, layout, job, mine, engine.step_index)
     return StreamTracker(spec, layout)
 
 
-def export(cfg: DistillConfig, model: DistillModel, cache: CacheInfo, pairs: list[str]) -> Path:
-    """Rank 0 at the end: the training plot and student.pt (prompt encoder and mask decoder from
-    the teacher checkpoint, or the seeded random vit_tiny a demo cache was made with)."""
-    out, sha = Path(cfg.out), cache.teacher_sha256
-    plot_run(out, pairs)
+def teacher_heads(cfg: DistillConfig, cache: CacheInfo) -> Sam:
+    """The teacher as a `Sam` for its prompt encoder and mask decoder: from the teacher
+    checkpoint, or the seeded random vit_tiny a demo cache was made with."""
+    sha = cache.teacher_sha256
     if cfg.teacher_ckpt is not None:
-        heads = load_sam_checkpoint(cfg.teacher, cfg.teacher_ckpt)
-    elif cfg.teacher == "vit_tiny" and sha.startswith("random-seed-"):
-        heads = random_vit_tiny(int(sha.rsplit("-", 1)[1]))
-    else:
-        raise ValueError(
-            "--teacher-ckpt is required to export student.pt (its prompt encoder and mask decoder)"
-        )
+        # Mapped: the image encoder's weights (2.5 GB for ViT-H) are never read.
+        state = read_checkpoint(cfg.teacher_ckpt, mmap=True)
+        return sam_from_state(cfg.teacher, state, cfg.teacher_ckpt)
+    if cfg.teacher == "vit_tiny" and sha.startswith("random-seed-"):
+        return random_vit_tiny(int(sha.rsplit("-", 1)[1]))
+    raise ValueError(
+        "--teacher-ckpt is required for the teacher's prompt encoder and mask decoder "
+        "(student.pt carries them; --phase decoder decodes with them)"
+    )
+
+
+def export(cfg: DistillConfig, model: DistillModel, cache: CacheInfo, names: list[str]) -> Path:
+    """Rank 0 at the end: the training plot and student.pt. Its prompt encoder is the teacher's;
+    its mask decoder the student's own when phase 2 trained it, else the teacher's."""
+    out, heads = Path(cfg.out), teacher_heads(cfg, cache)
+    plot_run(out, names, dld=cfg.phase == "encoder")
+    own = cfg.phase == "decoder" and cfg.tune != "encoder"
     path = save_student(
         out / "student.pt",
         model.student,
         heads,
         teacher=cfg.teacher,
-        teacher_sha256=sha,
+        teacher_sha256=cache.teacher_sha256,
         step=cfg.steps,
+        mask_decoder=model.mask_decoder if own else None,
     )
+    decoder = "its own (phase 2)" if own else "the teacher's"
     print(
-        f"exported {path} (student {cfg.student}, step {cfg.steps}); log {out / 'log.csv'}, plot {out / 'training.png'}"
+        f"exported {path} (student {cfg.student}, step {cfg.steps}, mask decoder {decoder}); "
+        f"log {out / 'log.csv'}, plot {out / 'training.png'}"
     )
     return path
 
@@ -188,28 +239,60 @@ def prepare_run(cfg: DistillConfig, cache: CacheInfo, taken: list[str], rank: in
     return ckpt_dir
 
 
+def build_loss(cfg: DistillConfig, cache: CacheInfo, model: DistillModel, heads: Sam | None):
+    """Phase 1's `DistillLoss`, or phase 2's `AlignLoss` (with phase 1's as its feature term)
+    after freezing what phase 2 does not train."""
+    features = DistillLoss(cfg, cache)
+    if cfg.phase == "encoder":
+        return features
+    set_trainable_parts(model, cfg)
+    return AlignLoss(cfg, heads, features)
+
+
 def train(cfg: DistillConfig, stop: StopRequest | None = None) -> Path:
     """Run (or resume) a distillation; return the path of the exported student.pt. A stop
     request (SIGUSR1/SIGTERM) saves a checkpoint after the current step and raises Preempted."""
     env = start_processes(cfg)
     cache, cfg, taken = open_checked_cache(cfg)
+    cfg, init = load_init(cfg, cache)
     ckpt_dir = prepare_run(cfg, cache, taken, env.rank)
-    model = build_model(cfg, cfg.teacher, cache.taps)
-    loss = DistillLoss(cfg, cache)
+    heads = teacher_heads(cfg, cache) if cfg.phase == "decoder" else None
+    model = build_model(cfg, cfg.teacher, cache.taps, init)
+    loss = build_loss(cfg, cache, model, heads)
     engine = build_engine(cfg, model, model.parameters(), loss, env, stop)
     start, job, mine = engine.resume(ckpt_dir) if cfg.resume == "auto" else (0, None, None)
     streams = open_streams(cfg, cache, engine, job, mine)
-    progress = RunProgress(cfg, loss.columns(), start, env.rank)
+    columns = log_columns(cfg, cache)
+    progress = RunProgress(cfg, columns, start, env.rank)
 
     def record(step: int, losses: dict, seconds: float) -> None:
-        corrupt = int(engine.all_reduce([float(streams.num_corrupt)])[0])
-        log_step(progress, step, losses, loss.weights(step), engine, corrupt, seconds)
+        counts = [float(streams.num_corrupt), float(streams.num_unprompted)]
+        corrupt, unprompted = (int(c) for c in engine.all_reduce(counts))
+        weights = loss.weights(step) if cfg.phase == "encoder" else []
+        row = {"num_corrupt": corrupt}
+        if cfg.phase == "decoder":
+            row["num_unprompted"] = unprompted
+        log_step(progress, step, losses, weights, engine, row, seconds)
 
     engine.run(streams, ckpt_dir, start, record, also_close=(progress,))
     if env.rank == 0:
-        export(cfg, model, cache, loss.pairs)
+        names = [c.removeprefix("loss_") for c in columns if c.startswith("loss_")][1:]
+        export(cfg, model, cache, names)
     engine.barrier()  # the others wait for the export
     return Path(cfg.out) / "student.pt"
+
+
+def log_columns(cfg: DistillConfig, cache: CacheInfo) -> list[str]:
+    """log.csv's columns: every loss term (phase 1: one per feature pair, with its DLD weight;
+    phase 2: mask and, with a weight, feature), then the rate and the counts."""
+    if cfg.phase == "encoder":
+        pairs = cache.features[1:] + cache.features[:1]
+        terms = [f"loss_{p}" for p in pairs] + [f"weight_{p}" for p in pairs]
+        counts = ["num_corrupt"]
+    else:
+        terms = ["loss_mask"] + (["loss_feature"] if cfg.feature_weight > 0 else [])
+        counts = ["num_corrupt", "num_unprompted"]
+    return ["loss_total", *terms, "lr", "images_per_s", *counts, "num_nonfinite"]
 
 
 def log_step(
@@ -218,22 +301,20 @@ def log_step(
     losses: dict,
     weights: list[float],
     engine: Engine,
-    corrupt: int,
+    counts: dict[str, int],
     seconds: float,
 ) -> None:
     """One row of log.csv and the console line for step `step` (0-based)."""
-    pairs = [name for name in losses if name != "loss"]
+    terms = [name for name in losses if name != "loss"]
     rate = engine.cfg.batch_size / seconds
-    values = {"loss_total": losses["loss"]} | {f"loss_{p}": losses[p] for p in pairs}
-    values |= {f"weight_{p}": w for p, w in zip(pairs, weights, strict=True)}
-    values |= {
-        "lr": engine.lr,
-        "images_per_s": rate,
-        "num_corrupt": corrupt,
-        "num_nonfinite": engine.num_nonfinite,
-    }
+    values = {"loss_total": losses["loss"]} | {f"loss_{t}": losses[t] for t in terms}
+    values |= {f"weight_{t}": w for t, w in zip(terms, weights)}
+    values |= {"lr": engine.lr, "images_per_s": rate, **counts}
+    values["num_nonfinite"] = engine.num_nonfinite
+    shown = " ".join(f"{k.removeprefix('num_')} {v}" for k, v in counts.items())
+    focus = terms[-1] if weights else terms[0]  # the final embedding's pair, or the mask loss
     line = (
-        f"loss {losses['loss']:.5g} final-embedding {losses[pairs[-1]]:.5g} lr {engine.lr:.3g} "
-        f"{rate:.1f} img/s corrupt {corrupt} non-finite {engine.num_nonfinite}"
+        f"loss {losses['loss']:.5g} {focus} {losses[focus]:.5g} lr {engine.lr:.3g} "
+        f"{rate:.1f} img/s {shown} non-finite {engine.num_nonfinite}"
     )
     progress.step(step + 1, values, line, loss=f"{losses['loss']:.4g}", img_s=f"{rate:.1f}")

@@ -8,6 +8,8 @@
   img_size        input side the student was trained at
   teacher         {"name": teacher name, "sha256": teacher checkpoint sha256}
   step            training step of the weights
+  mask_decoder    "teacher": the teacher's mask decoder; "student": the student's own, aligned
+                  with its embedding by phase 2 (`--phase decoder --tune decoder|both`)
   state_dict      a full SAM state dict: the student under image_encoder.*, the teacher
                   checkpoint's prompt_encoder.* and mask_decoder.*
 
@@ -34,16 +36,22 @@ FORMAT_VERSION = 1
 ADAPTED_FORMAT = "sam-distill-adapted"  # students.adapters.export.FORMAT
 
 
-def assemble_sam(student: nn.Module, heads_from: Sam | None = None) -> Sam:
+def assemble_sam(
+    student: nn.Module, heads_from: Sam | None = None, mask_decoder: nn.Module | None = None
+) -> Sam:
     """A `Sam` with `student` as image encoder and SAM's prompt encoder and mask decoder.
 
     heads_from: a SAM whose prompt encoder and mask decoder weights are copied (the teacher);
-    None leaves them randomly initialised. The student's `img_size` sets the prompt geometry.
+    None leaves them randomly initialised. mask_decoder: a decoder whose weights are taken
+    instead of heads_from's (the student's own, after phase 2). The student's `img_size` sets
+    the prompt geometry.
     """
     prompt, decoder = sam_heads(student.img_size)
     if heads_from is not None:
         prompt.load_state_dict(heads_from.prompt_encoder.state_dict())
         decoder.load_state_dict(heads_from.mask_decoder.state_dict())
+    if mask_decoder is not None:
+        decoder.load_state_dict(mask_decoder.state_dict())
     return Sam(student, prompt, decoder, list(PIXEL_MEAN), list(PIXEL_STD)).eval()
 
 
@@ -55,10 +63,12 @@ def save_student(
     teacher: str,
     teacher_sha256: str,
     step: int,
+    mask_decoder: nn.Module | None = None,
 ) -> Path:
-    """Write `student.pt` atomically (a crash never leaves a half-written file at `path`)."""
+    """Write `student.pt` atomically (a crash never leaves a half-written file at `path`);
+    `mask_decoder`: the student's own decoder (phase 2) instead of the teacher's."""
     path = Path(path)
-    sam = assemble_sam(student, heads_from)
+    sam = assemble_sam(student, heads_from, mask_decoder)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -66,6 +76,7 @@ def save_student(
         "img_size": int(student.img_size),
         "teacher": {"name": teacher, "sha256": teacher_sha256},
         "step": int(step),
+        "mask_decoder": "teacher" if mask_decoder is None else "student",
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()},
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
