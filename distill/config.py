@@ -198,7 +198,7 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"--tune {self.tune} needs --phase decoder")
 
 
-ADAPT_METHODS = ("conv_lora", "lora", "cad", "sam_adapter", "decoder")  # students.adapters
+ADAPT_METHODS = ("conv_lora", "lora", "cad", "sam_adapter", "meta", "decoder")  # students.adapters
 
 
 @dataclass

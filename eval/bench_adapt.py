@@ -13,7 +13,7 @@ trains it (`adapt_sam`, `set_trainable(sam, True)`, structure loss, AdamW). Per 
 * bytes saved for backward in one training forward: unique tensor storages seen by
   `torch.autograd.graph.saved_tensors_hooks`, parameters and buffers excluded (the method of
   `reference/adapters.md` section 6), split into the frozen encoder (with any adapter inside it),
-  CAD's parallel branch, and the rest (mask decoder);
+  the adapter's parts beside it (CAD's CNN, META's side network), and the rest (mask decoder);
 * peak memory of the first training step (forward, backward, AdamW step with its state): growth
   of the process's peak RSS (CPU; `/proc/self/clear_refs` resets the peak on Linux) and of
   `torch.cuda.max_memory_allocated` (CUDA);
@@ -82,7 +82,8 @@ def make_batch(img_size: int, device: str) -> dict[str, Tensor]:
 class SavedTensors:
     """Context: bytes of the unique storages autograd saves for backward during `model`'s forward,
     parameters and buffers excluded, by where they were saved: `encoder` (the frozen encoder and
-    adapters inside it), `branch` (adapter parts outside it: CAD's CNN), `decoder` (the rest)."""
+    adapters inside it), `branch` (adapter parts outside it: CAD's CNN, META's side network),
+    `decoder` (the rest)."""
 
     def __init__(self, model: PromptedSam) -> None:
         tensors = itertools.chain(model.parameters(), model.buffers())
@@ -339,7 +340,7 @@ def _x(value: float | None) -> str:
 
 def print_rows(rows: list[dict]) -> None:
     print(
-        "\n| encoder | method | trainable (all / encoder side) | saved MiB (all / encoder / CAD "
+        "\n| encoder | method | trainable (all / encoder side) | saved MiB (all / encoder / side "
         "branch / decoder) | peak RSS growth MiB | CUDA peak MiB | train step s | encoder ms "
         "(adapted / un-adapted) | latency ratio |"
     )

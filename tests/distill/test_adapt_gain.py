@@ -7,7 +7,8 @@ scores a val IoU of about 0.13 under the full-image box. Measured on 2 CPU cores
 100 steps of batch 4 at a constant lr 1e-3 reach 0.34-0.41 for decoder, lora, conv_lora and
 sam_adapter and about 0.8 for cad (whose FFT high-pass input sees the texture change); the first
 25-40 steps sit on the "predict nothing" plateau of a random decoder (area ratio 0), which is
-why the runs are this long.
+why the runs are this long. meta at its defaults (width 64, stripe 2, one MEA block per tap)
+reaches 0.37 (2026-12-03), 0.24 over the base, twice the margin.
 """
 
 from __future__ import annotations

@@ -173,9 +173,12 @@ def _trained_like(base, method, seed=0, **kwargs):
     return sam.eval()
 
 
-@pytest.mark.parametrize("method", ["lora", "conv_lora", "cad", "sam_adapter"])
+ROUND_TRIP_OPTIONS = {"cad": {"width": 8, "input_size": 64}, "meta": {"width": 16, "stripe": 4}}
+
+
+@pytest.mark.parametrize("method", ["lora", "conv_lora", "cad", "sam_adapter", "meta"])
 def test_adapted_pt_round_trip_in_sam_predictor(tmp_path, tiny_ckpt, method):
-    kwargs = {"width": 8, "input_size": 64} if method == "cad" else {}
+    kwargs = ROUND_TRIP_OPTIONS.get(method, {})
     sam = _trained_like(tiny_ckpt, method, **kwargs)
     path = save_adapted(
         tmp_path / "adapted.pt",

@@ -28,7 +28,7 @@ def _cad_params(width: int) -> int:
 
 @pytest.fixture(scope="module", params=list(ENCODERS))
 def rows(request: pytest.FixtureRequest) -> dict[str, dict]:
-    methods = {"decoder": {}, "cad": CAD, "sam_adapter": {}}
+    methods = {"decoder": {}, "cad": CAD, "sam_adapter": {}, "meta": {"width": 16}}
     make = ENCODERS[request.param]
     return {m: measure_config(make(), m, kw, "cpu", repeats=0) for m, kw in methods.items()}
 
@@ -45,12 +45,17 @@ def test_trainable_counts(rows: dict[str, dict]) -> None:
 
 def test_only_in_encoder_adapters_save_inside_the_encoder(rows: dict[str, dict]) -> None:
     decoder, cad, sam_adapter = rows["decoder"], rows["cad"], rows["sam_adapter"]
+    meta = rows["meta"]
     assert decoder["saved_bytes_encoder"] == cad["saved_bytes_encoder"] == 0
+    assert meta["saved_bytes_encoder"] == 0 < meta["saved_bytes_branch"]  # its side network
     assert decoder["saved_bytes_branch"] == sam_adapter["saved_bytes_branch"] == 0
     assert sam_adapter["saved_bytes_encoder"] > 0 and cad["saved_bytes_branch"] > 0
     # decoder-only saves exactly what the decoder part saves in every method
     assert (
-        decoder["saved_bytes"] == cad["saved_bytes_decoder"] == sam_adapter["saved_bytes_decoder"]
+        decoder["saved_bytes"]
+        == cad["saved_bytes_decoder"]
+        == sam_adapter["saved_bytes_decoder"]
+        == meta["saved_bytes_decoder"]
     )
     assert decoder["saved_bytes"] < sam_adapter["saved_bytes"]
     for row in rows.values():

@@ -1,7 +1,7 @@
 """Adapters over the whole registry on both encoder kinds (a DFA student and SAM's ViT).
 
-Identity at init, frozen encoder weights, saved-for-backward bytes inside the encoder, parameter
-counts against the closed formulas of ``reference/adapters.md``, LoRA merging, Conv-LoRA's gate.
+Identity at init, frozen encoder weights, saved-for-backward bytes inside the encoder (none for
+the side networks cad and meta), parameter counts against the closed formulas of ``reference/adapters.md``, LoRA merging, Conv-LoRA's gate.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from students import build_student
 from students.adapters import AdaptedEncoder, build_adapter, list_adapters
+from students.adapters.meta import tap_blocks
 from teachers.build import random_vit_tiny
 
 SIDE = 256
@@ -43,6 +44,19 @@ def _dims(encoder: nn.Module) -> tuple[int, int, int]:
     return width, len(blocks), sum(hasattr(b, "attn") for b in blocks)
 
 
+def _meta_formula(encoder: nn.Module, width: int = 64, depth: int = 1, hidden: int = 64) -> int:
+    """META at its defaults: spatial prior, per tap a LayerNorm + Linear from the encoder width
+    and a Linear from the state, MEA blocks (LN, qkv + proj, two 3x3 convs, 3x3 depth-wise), the
+    zero-initialised output Linear to 256."""
+    c, taps = encoder.patch_embed.proj.out_channels, len(tap_blocks(encoder))
+    w1, w2 = width // 4, width // 2
+    prior = (27 * w1 + w1) + (9 * w1 * w2 + w2) + (9 * w2 * width + width) + (9 * width**2 + width)
+    block = 2 * width + (4 * width**2 + 4 * width) + (18 * width * hidden + hidden + width)
+    block += 9 * width + width
+    per_tap = 2 * c + c * width + width + width**2 + depth * block
+    return prior + taps * per_tap + 256 * width + 256
+
+
 def _formula(method: str, encoder: nn.Module, width: int = 16) -> int:
     c, num_blocks, num_attn = _dims(encoder)
     r, e = 3, 8
@@ -56,12 +70,14 @@ def _formula(method: str, encoder: nn.Module, width: int = 16) -> int:
     if method == "cad":
         proj = 0 if width == 256 else 256 * width + 256
         return 6 * width + width + 3 * (9 * width * width + width + 2 * width) + proj
+    if method == "meta":
+        return _meta_formula(encoder)
     assert method == "decoder"
     return 0
 
 
 def test_registry() -> None:
-    assert list_adapters() == ["cad", "conv_lora", "decoder", "lora", "sam_adapter"]
+    assert list_adapters() == ["cad", "conv_lora", "decoder", "lora", "meta", "sam_adapter"]
     with pytest.raises(ValueError, match="unknown adapter 'nope'"):
         build_adapter("nope", ENCODERS["dfa_t"]())
 
@@ -97,7 +113,7 @@ def test_num_trainable_matches_formula(method: str, kind: str) -> None:
         official = _adapted("cad", kind, width=256, input_size=512)
         assert official.num_trainable == _formula("cad", official.encoder, 256) == 1_773_568
     encoder_params = {id(p) for p in adapted.encoder.parameters()}
-    if method in ("cad", "decoder"):  # nothing trainable inside the encoder
+    if method in ("cad", "meta", "decoder"):  # nothing trainable inside the encoder
         assert not any(id(p) in encoder_params for p in adapted.trainable_parameters())
 
 
@@ -129,7 +145,7 @@ def test_gradients_reach_only_the_adapter(method: str, kind: str) -> None:
     adapted = _adapted(method, kind).train()
     out, inside = _saved_bytes(adapted, _image())
     trainable = {id(p) for p in adapted.trainable_parameters()}
-    if method in ("cad", "decoder"):
+    if method in ("cad", "meta", "decoder"):
         assert inside == 0
     else:
         assert inside > 0
@@ -144,9 +160,8 @@ def test_gradients_reach_only_the_adapter(method: str, kind: str) -> None:
             assert param.grad is not None, f"adapter {name} got no gradient"
             assert torch.isfinite(param.grad).all(), name
     # the zero-initialised output side gets a non-zero gradient, so training starts moving
-    outputs = [
-        p for n, p in adapted.named_parameters() if n.endswith(("lora_B.weight", "up.weight"))
-    ]
+    zero_init = ("lora_B.weight", "up.weight", "out_proj.weight")
+    outputs = [p for n, p in adapted.named_parameters() if n.endswith(zero_init)]
     outputs += [p for n, p in adapted.named_parameters() if n.startswith("conv_adapter.")]
     assert outputs and all(p.grad.abs().sum() > 0 for p in outputs)
 
@@ -209,7 +224,7 @@ def test_lora_needs_a_qkv_linear() -> None:
         build_adapter("lora", encoder)
 
 
-@pytest.mark.parametrize("method", ["lora", "cad"])
+@pytest.mark.parametrize("method", ["lora", "cad", "meta"])
 def test_adapted_encoder_replaces_sam_image_encoder(method: str) -> None:
     sam = random_vit_tiny(0)
     sam.image_encoder = _adapted(method, "vit_tiny")
