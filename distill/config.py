@@ -209,7 +209,7 @@ class AdaptConfig(TrainConfig):
     ckpt: str = ""
     """Base model: a student.pt or an official SAM checkpoint (sam_vit_*.pth)."""
     method: str = field(default="conv_lora", metadata={"choices": ADAPT_METHODS})
-    """Adapter method: conv_lora, lora, cad, sam_adapter or decoder (mask decoder only)."""
+    """Adapter method: conv_lora, lora, cad, sam_adapter, meta or decoder (mask decoder only)."""
     data: str = ""
     """Dataset folder with train/{images,masks} and val/{images,masks} (COD10K/CAMO layout)."""
     options: str = ""
