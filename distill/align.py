@@ -55,12 +55,10 @@ class AlignLoss:
     def __call__(self, engine, batch: dict) -> dict[str, torch.Tensor]:
         embed, taps = engine(batch["image"].to(engine.dtype))
         mask = self.mask_loss(engine.model, embed, batch, engine.step_index)
-        out = {"loss": mask, "mask": mask}
-        if self.features is not None and self.cfg.feature_weight > 0:
-            feature = self.features.terms(embed, taps, batch, engine.step_index)["loss"]
-            out = {"loss": mask + self.cfg.feature_weight * feature, "mask": mask}
-            out["feature"] = feature
-        return out
+        if self.features is None or self.cfg.feature_weight == 0:
+            return {"loss": mask, "mask": mask}
+        feature = self.features.terms(embed, taps, batch, engine.step_index)["loss"]
+        return {"loss": mask + self.cfg.feature_weight * feature, "mask": mask, "feature": feature}
 
     def mask_loss(self, model, embed: torch.Tensor, batch: dict, step: int) -> torch.Tensor:
         """Mean BCE + Dice over the micro-batch's prompts and decoding rounds (0 with a graph

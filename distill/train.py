@@ -61,12 +61,17 @@ class DistillModel(torch.nn.Module):
         return embed, self.projections([feats[t] for t in self.taps])
 
 
+def feature_pairs(cache: CacheInfo) -> list[str]:
+    """The cache's features in loss order: the tapped blocks, then the final embedding."""
+    return cache.features[1:] + cache.features[:1]
+
+
 class DistillLoss:
     """The engine's loss function: DLD-weighted, padding-masked MSE of every (student, teacher)
     pair, the final embedding last. Returns "loss" and one term per pair, named by the feature."""
 
     def __init__(self, cfg: DistillConfig, cache: CacheInfo) -> None:
-        self.cfg, self.pairs = cfg, cache.features[1:] + cache.features[:1]
+        self.cfg, self.pairs = cfg, feature_pairs(cache)
         self.every = None
         if cfg.dld_every_epochs is not None:
             steps_per_epoch = max(1, cache.num_samples // cfg.batch_size)
@@ -158,8 +163,9 @@ def build_model(
     """The seeded student (or the `--init` one), its taps paired with the teacher's, and their
     projections; for phase 2 with the init's prompt encoder and mask decoder."""
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, img_size=cfg.img_size)
-    if init is not None:
+    if init is None:
+        student = build_student(cfg.student, img_size=cfg.img_size)
+    else:
         student = init.image_encoder.train()
     width, depth = TEACHER_SIZES[teacher]
     taps = list(cfg.student_taps or student_taps_for(teacher_taps, depth, len(student.blocks)))
@@ -205,11 +211,14 @@ def teacher_heads(cfg: DistillConfig, cache: CacheInfo) -> Sam:
     )
 
 
-def export(cfg: DistillConfig, model: DistillModel, cache: CacheInfo, names: list[str]) -> Path:
-    """Rank 0 at the end: the training plot and student.pt. Its prompt encoder is the teacher's;
-    its mask decoder the student's own when phase 2 trained it, else the teacher's."""
-    out, heads = Path(cfg.out), teacher_heads(cfg, cache)
-    plot_run(out, names, dld=cfg.phase == "encoder")
+def export(
+    cfg: DistillConfig, model: DistillModel, cache: CacheInfo, heads: Sam | None = None
+) -> Path:
+    """Rank 0 at the end: the training plot and student.pt. Its prompt encoder is the teacher's
+    (`heads`, loaded here when the run did not need them before); its mask decoder the
+    student's own when phase 2 trained it, else the teacher's."""
+    out, heads = Path(cfg.out), heads or teacher_heads(cfg, cache)
+    plot_run(out, loss_terms(cfg, cache), dld=cfg.phase == "encoder")
     own = cfg.phase == "decoder" and cfg.tune != "encoder"
     path = save_student(
         out / "student.pt",
@@ -262,8 +271,7 @@ def train(cfg: DistillConfig, stop: StopRequest | None = None) -> Path:
     engine = build_engine(cfg, model, model.parameters(), loss, env, stop)
     start, job, mine = engine.resume(ckpt_dir) if cfg.resume == "auto" else (0, None, None)
     streams = open_streams(cfg, cache, engine, job, mine)
-    columns = log_columns(cfg, cache)
-    progress = RunProgress(cfg, columns, start, env.rank)
+    progress = RunProgress(cfg, log_columns(cfg, cache), start, env.rank)
 
     def record(step: int, losses: dict, seconds: float) -> None:
         counts = [float(streams.num_corrupt), float(streams.num_unprompted)]
@@ -276,23 +284,27 @@ def train(cfg: DistillConfig, stop: StopRequest | None = None) -> Path:
 
     engine.run(streams, ckpt_dir, start, record, also_close=(progress,))
     if env.rank == 0:
-        names = [c.removeprefix("loss_") for c in columns if c.startswith("loss_")][1:]
-        export(cfg, model, cache, names)
+        export(cfg, model, cache, heads)
     engine.barrier()  # the others wait for the export
     return Path(cfg.out) / "student.pt"
 
 
-def log_columns(cfg: DistillConfig, cache: CacheInfo) -> list[str]:
-    """log.csv's columns: every loss term (phase 1: one per feature pair, with its DLD weight;
-    phase 2: mask and, with a weight, feature), then the rate and the counts."""
+def loss_terms(cfg: DistillConfig, cache: CacheInfo) -> list[str]:
+    """The run's named loss terms: phase 1 one per feature pair, the final embedding last;
+    phase 2 mask and, with a weight, feature."""
     if cfg.phase == "encoder":
-        pairs = cache.features[1:] + cache.features[:1]
-        terms = [f"loss_{p}" for p in pairs] + [f"weight_{p}" for p in pairs]
-        counts = ["num_corrupt"]
-    else:
-        terms = ["loss_mask"] + (["loss_feature"] if cfg.feature_weight > 0 else [])
-        counts = ["num_corrupt", "num_unprompted"]
-    return ["loss_total", *terms, "lr", "images_per_s", *counts, "num_nonfinite"]
+        return feature_pairs(cache)
+    return ["mask"] + (["feature"] if cfg.feature_weight > 0 else [])
+
+
+def log_columns(cfg: DistillConfig, cache: CacheInfo) -> list[str]:
+    """log.csv's columns: every loss term (phase 1 with its DLD weight), the rate, the counts."""
+    terms = loss_terms(cfg, cache)
+    columns = ["loss_total"] + [f"loss_{t}" for t in terms]
+    if cfg.phase == "encoder":
+        columns += [f"weight_{t}" for t in terms]
+    counts = ["num_corrupt"] + (["num_unprompted"] if cfg.phase == "decoder" else [])
+    return [*columns, "lr", "images_per_s", *counts, "num_nonfinite"]
 
 
 def log_step(
