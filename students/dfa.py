@@ -250,7 +250,9 @@ class DilatedFlashAttention(nn.Module):
 
     Input and output ``[B, H, W, C]``. Parameter names (``qkv``, ``proj``) follow
     ``segment_anything/modeling/image_encoder.py``. Positions come from the encoder's absolute
-    embedding; there is no relative-position bias.
+    embedding; there is no relative-position bias. ``head_dim`` (default ``dim // num_heads``)
+    sets the width of one head, so a head-pruned layer keeps its heads' width with fewer heads:
+    ``qkv`` is then ``dim -> 3 * num_heads * head_dim`` and ``proj`` ``num_heads * head_dim -> dim``.
     """
 
     def __init__(
@@ -261,25 +263,31 @@ class DilatedFlashAttention(nn.Module):
         qkv_bias: bool = True,
         layout: Layout = "2d",
         backend: Backend = "auto",
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
+        if head_dim is None and dim % num_heads != 0:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if head_dim is not None and head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
         if backend not in ("auto", "fused", "reference"):
             raise ValueError(f"backend must be 'auto', 'fused' or 'reference', got {backend!r}")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads if head_dim is None else head_dim
         self.patterns = check_patterns(patterns, num_heads, layout)
         self.layout: Layout = layout
         self.backend: Backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        inner = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        qkv = self.qkv(x).view(b, h, w, 3, self.num_heads, c // self.num_heads)
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).view(b, h, w, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each [B, nh, H, W, d]
         out = dilated_attention(q, k, v, self.patterns, self.layout, self.backend)
-        return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c))
+        inner = self.num_heads * self.head_dim
+        return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, inner))
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, patterns={list(self.patterns)}, layout={self.layout}"

@@ -25,7 +25,11 @@ from students.registry import register_student
 
 
 class DFABlock(nn.Module):
-    """Pre-norm DFA attention + MLP with residuals; ``[B, H, W, C] -> [B, H, W, C]``."""
+    """Pre-norm DFA attention + MLP with residuals; ``[B, H, W, C] -> [B, H, W, C]``.
+
+    ``mlp_dim`` (default ``int(dim * mlp_ratio)``) and ``head_dim`` (default ``dim // num_heads``)
+    are set by pruned students, whose blocks keep fewer hidden units or heads.
+    """
 
     def __init__(
         self,
@@ -36,12 +40,17 @@ class DFABlock(nn.Module):
         qkv_bias: bool = True,
         layout: Layout = "2d",
         backend: Backend = "auto",
+        *,
+        mlp_dim: int | None = None,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = DilatedFlashAttention(dim, num_heads, patterns, qkv_bias, layout, backend)
+        self.attn = DilatedFlashAttention(
+            dim, num_heads, patterns, qkv_bias, layout, backend, head_dim=head_dim
+        )
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio) if mlp_dim is None else mlp_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -51,10 +60,10 @@ class DFABlock(nn.Module):
 class MLPOnlyBlock(nn.Module):
     """Pre-norm MLP with a residual and no token mixing; ``[B, H, W, C] -> [B, H, W, C]``."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, *, mlp_dim: int | None = None) -> None:
         super().__init__()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio) if mlp_dim is None else mlp_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.norm2(x))
@@ -80,6 +89,12 @@ class DFAEncoder(nn.Module):
         layout: ``"2d"`` square tiles on the grid or ``"1d"`` flattened segments.
         backend: ``"auto"``, ``"fused"`` or ``"reference"`` attention (see ``dilated_attention``).
         qkv_bias: bias on the qkv projection.
+        block_heads: optional heads of every block, ``depth`` entries (an entry is ignored for
+            an MLP-only block); default ``num_heads`` everywhere. Set by head pruning
+            (``students.prune``), with ``head_dim`` kept at the unpruned ``embed_dim // num_heads``.
+        block_mlp_dims: optional MLP hidden width of every block, ``depth`` entries; default
+            ``int(embed_dim * mlp_ratio)`` everywhere. Set by MLP pruning.
+        head_dim: width of one attention head; default ``embed_dim // num_heads``.
     """
 
     def __init__(
@@ -98,13 +113,21 @@ class DFAEncoder(nn.Module):
         layout: Layout = "2d",
         backend: Backend = "auto",
         qkv_bias: bool = True,
+        block_heads: Sequence[int] | None = None,
+        block_mlp_dims: Sequence[int] | None = None,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         per_block = _per_block_patterns(depth, patterns, mlp_only_blocks, block_patterns)
+        heads = _per_block_sizes("block_heads", block_heads, depth, num_heads)
+        mlp_dims = _per_block_sizes(
+            "block_mlp_dims", block_mlp_dims, depth, int(embed_dim * mlp_ratio)
+        )
         if img_size % patch_size != 0:
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
-        if embed_dim % num_heads != 0:
+        if head_dim is None and embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -118,10 +141,20 @@ class DFAEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(
-            MLPOnlyBlock(embed_dim, mlp_ratio)
+            MLPOnlyBlock(embed_dim, mlp_ratio, mlp_dim=mlp_dim)
             if block is None
-            else DFABlock(embed_dim, num_heads, block, mlp_ratio, qkv_bias, layout, backend)
-            for block in per_block
+            else DFABlock(
+                embed_dim,
+                nh,
+                block,
+                mlp_ratio,
+                qkv_bias,
+                layout,
+                backend,
+                mlp_dim=mlp_dim,
+                head_dim=head_dim,
+            )
+            for block, nh, mlp_dim in zip(per_block, heads, mlp_dims, strict=True)
         )
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
@@ -192,6 +225,19 @@ def _per_block_patterns(
         )
     chosen = [patterns] * depth if block_patterns is None else list(block_patterns)
     return [None if i in set(mlp_only_blocks) else chosen[i] for i in range(depth)]
+
+
+def _per_block_sizes(
+    name: str, values: Sequence[int] | None, depth: int, default: int
+) -> list[int]:
+    """One size per block: ``values`` checked (``depth`` entries, each >= 1), or ``default``."""
+    if values is None:
+        return [default] * depth
+    if len(values) != depth:
+        raise ValueError(f"{name} has {len(values)} entries, expected one per block ({depth})")
+    if any(int(v) < 1 for v in values):
+        raise ValueError(f"{name} {list(values)}: every entry must be >= 1")
+    return [int(v) for v in values]
 
 
 def _build(sizes: dict[str, Any], overrides: dict[str, Any]) -> DFAEncoder:

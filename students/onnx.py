@@ -1,11 +1,22 @@
-"""ONNX export of a student image encoder, checked against onnxruntime.
+"""ONNX export of a student image encoder and of SAM's prompt encoder + mask decoder, checked
+against onnxruntime.
 
 The fused attention kernels are PyTorch operators that ONNX does not have, so the export traces
 the reference attention path (explicit matmul and softmax, the same math); onnxruntime then
 fuses what it can. Input `image` [B, 3, S, S] float32 (preprocessed as `teachers.preprocess`
 does), output `image_embeddings` [B, 256, S/16, S/16]. Shapes are static (the attention's
-segment geometry is computed from them at export): export once per batch size, 1 for
-`SamPredictor`-style use.
+segment geometry is computed from them at export, and the batch is baked into its reshapes): export
+once per batch size, 1 for `SamPredictor`-style use.
+
+The decoder file is SAM's own ONNX layout (`segment_anything.utils.onnx.SamOnnxModel`, as in
+segment-anything's `scripts/export_onnx_model.py`): inputs `image_embeddings` [1, 256, h, w],
+`point_coords` [1, N, 2] (in the resized input frame, `ResizeLongestSide.apply_coords`),
+`point_labels` [1, N] (1 foreground, 0 background, 2 and 3 box corners, -1 padding),
+`mask_input` [1, 1, 4h, 4w], `has_mask_input` [1], `orig_im_size` [2]; outputs `masks`
+[1, 1, H, W] logits at the original size, `iou_predictions` [1, 1], `low_res_masks`
+[1, 1, 4h, 4w]. N is dynamic. With `return_single_mask` the graph picks the mask the way
+`SamPredictor` would: for one box alone (N = 2, no padding point) the best-scored of the three
+multimask outputs, the evaluation protocol's choice; with more prompts the single-mask output.
 """
 
 from __future__ import annotations
@@ -18,6 +29,16 @@ import torch
 from torch import nn
 
 from students.dfa import DilatedFlashAttention
+
+DECODER_INPUTS = (
+    "image_embeddings",
+    "point_coords",
+    "point_labels",
+    "mask_input",
+    "has_mask_input",
+    "orig_im_size",
+)
+DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 
 
 def export_onnx(encoder: nn.Module, path: str | Path, batch: int = 1, opset: int = 17) -> Path:
@@ -49,3 +70,32 @@ def check_onnx(encoder: nn.Module, path: str | Path, images: torch.Tensor) -> fl
     with torch.inference_mode():
         ref = encoder.eval()(images).numpy()
     return float(np.abs(ours - ref).max())
+
+
+def export_decoder_onnx(sam: nn.Module, path: str | Path, opset: int = 17) -> Path:
+    """Write `sam`'s prompt encoder + mask decoder in SAM's ONNX layout (module docstring)."""
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    path = Path(path)
+    model = SamOnnxModel(copy.deepcopy(sam).float().cpu().eval(), return_single_mask=True)
+    grid = sam.image_encoder.img_size // 16
+    dummy = (
+        torch.randn(1, sam.prompt_encoder.embed_dim, grid, grid),
+        torch.randint(0, sam.image_encoder.img_size, (1, 3, 2), dtype=torch.float),
+        torch.randint(0, 4, (1, 3), dtype=torch.float),
+        torch.zeros(1, 1, 4 * grid, 4 * grid),
+        torch.zeros(1),
+        torch.tensor([sam.image_encoder.img_size] * 2, dtype=torch.float),
+    )
+    num_points = {1: "num_points"}
+    torch.onnx.export(
+        model,
+        dummy,
+        str(path),
+        input_names=list(DECODER_INPUTS),
+        output_names=list(DECODER_OUTPUTS),
+        dynamic_axes={"point_coords": num_points, "point_labels": num_points},
+        opset_version=opset,
+        dynamo=False,
+    )
+    return path

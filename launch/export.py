@@ -1,0 +1,226 @@
+r"""Deployable files from a student.pt: the encoder ONNX (fp32, int8), SAM's decoder ONNX, and
+structured pruning before a re-distillation.
+
+    python launch/export.py --ckpt runs/dfa_s/student.pt --out deploy/dfa_s \
+        [--int8 dynamic|static --calib-shards /data/cache/vit_h] [--batch-sizes 1,4] [--decoder]
+    python launch/export.py --ckpt runs/dfa_s/student.pt --out pruned/ --prune heads|mlp \
+        --ratio 0.5 [--criterion activation|weight] --calib-shards /data/cache/vit_h
+    then: python launch/distill.py --init pruned/pruned.pt --shards /data/cache/vit_h --out runs/p
+
+Export writes OUT/encoder_b{B}.onnx per batch size (shapes are static, see students/onnx.py),
+OUT/encoder_int8_{mode}_b{B}.onnx, with --decoder OUT/decoder.onnx (segment_anything's
+SamOnnxModel layout) and OUT/predict.py (box-prompted segmentation with onnxruntime alone,
+students/ort_predict.py), and OUT/export.json (the files, their checks, the student's metadata).
+Every fp32 file is checked against PyTorch on random images. --prune writes OUT/pruned.pt, a
+student.pt that launch/distill.py --init re-distills from the same cache.
+"""
+
+import sys
+from pathlib import Path
+
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path.insert(0, str(_here.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+ONNX_TOLERANCE = 1e-4  # fp32 onnxruntime vs PyTorch, max absolute difference
+
+
+@dataclass
+class ExportConfig:
+    """One export (or one pruning) of a student.pt."""
+
+    ckpt: str
+    """The student.pt to export."""
+    out: str
+    """Output folder."""
+    int8: str | None = None
+    """Also write an int8 encoder: dynamic (no data) or static (calibrated on --calib-shards)."""
+    calib_shards: str | None = None
+    """Teacher cache (folder or shard glob) whose images calibrate --int8 static and score
+    --prune --criterion activation."""
+    num_calib: int = 8
+    """Cached images read for calibration."""
+    batch_sizes: tuple[int, ...] = (1,)
+    """Encoder batch sizes, one ONNX file each."""
+    decoder: bool = False
+    """Also write the prompt encoder + mask decoder ONNX and predict.py."""
+    keep_fp32: tuple[str, ...] = ("/patch_embed/",)
+    """int8: prefixes of ONNX node names left in fp32."""
+    prune: str | None = None
+    """heads or mlp: prune instead of exporting; writes OUT/pruned.pt."""
+    ratio: float = 0.5
+    """--prune: fraction of the heads (of every block's MLP hidden units) removed."""
+    criterion: str = "activation"
+    """--prune: activation (needs --calib-shards) or weight scores."""
+    opset: int = 17
+    """ONNX opset."""
+
+    def __post_init__(self) -> None:
+        from students.prune import CRITERIA, TARGETS
+        from students.quant import INT8_MODES
+
+        if not Path(self.ckpt).is_file():
+            raise ValueError(f"--ckpt {self.ckpt}: no such file")
+        if self.int8 is not None and self.int8 not in INT8_MODES:
+            raise ValueError(f"--int8 {self.int8!r}: choose one of {', '.join(INT8_MODES)}")
+        if self.int8 == "static" and not self.calib_shards:
+            raise ValueError("--int8 static calibrates on cached images: give --calib-shards CACHE")
+        if self.prune is not None and self.prune not in TARGETS:
+            raise ValueError(f"--prune {self.prune!r}: choose one of {', '.join(TARGETS)}")
+        if self.prune and self.criterion not in CRITERIA:
+            raise ValueError(f"--criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
+        if self.prune and self.criterion == "activation" and not self.calib_shards:
+            raise ValueError("--prune --criterion activation needs --calib-shards CACHE")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"--batch-sizes {self.batch_sizes}: give positive sizes, e.g. 1,4")
+        if self.num_calib < 1:
+            raise ValueError(f"--num-calib must be at least 1, got {self.num_calib}")
+
+
+def cache_images(spec: str, num: int, img_size: int):
+    """[N <= num, 3, S, S] preprocessed images of a teacher cache (the pixels the teacher saw)."""
+    import torch
+
+    from teachers.cache_read import open_cache, read_cache
+    from teachers.preprocess import decode_image, preprocess
+
+    info = open_cache(spec)
+    if info.img_size != img_size:
+        raise ValueError(
+            f"--calib-shards {spec}: the cache holds {info.img_size} px images, the student "
+            f"runs at {img_size}"
+        )
+    images = []
+    for sample in read_cache(info.folder, allow_incomplete=True):
+        images.append(preprocess(decode_image(sample.image, sample.key), img_size).image)
+        if len(images) == num:
+            break
+    if not images:
+        raise ValueError(f"--calib-shards {spec}: the cache holds no samples")
+    return torch.stack(images)
+
+
+def prune(cfg: ExportConfig) -> dict:
+    """Write OUT/pruned.pt; the pruning report."""
+    from students.export import load_sam, read_export_meta, save_student
+    from students.prune import prune_student
+
+    meta = read_export_meta(cfg.ckpt)
+    sam = load_sam(cfg.ckpt)
+    encoder = sam.image_encoder
+    images = None
+    if cfg.criterion == "activation":
+        images = cache_images(cfg.calib_shards, cfg.num_calib, encoder.img_size)
+    pruned, report = prune_student(encoder, cfg.prune, cfg.ratio, images, cfg.criterion)
+    own_decoder = sam.mask_decoder if meta.get("mask_decoder") == "student" else None
+    path = save_student(
+        Path(cfg.out) / "pruned.pt",
+        pruned,
+        sam,
+        teacher=meta["teacher"]["name"],
+        teacher_sha256=meta["teacher"]["sha256"],
+        step=meta["step"],
+        mask_decoder=own_decoder,
+    )
+    return {"pruned": str(path), **report}
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Write the ONNX files of the module docstring; their names and checks."""
+    import torch
+
+    from students import ort_predict
+    from students.export import load_sam, read_export_meta
+    from students.onnx import check_onnx, export_decoder_onnx, export_onnx
+    from students.quant import quantize_onnx
+
+    out = Path(cfg.out)
+    sam = load_sam(cfg.ckpt)
+    encoder = sam.image_encoder
+    calib = None
+    if cfg.int8 == "static":
+        calib = cache_images(cfg.calib_shards, cfg.num_calib, encoder.img_size)
+    files: dict[str, dict] = {}
+    for batch in cfg.batch_sizes:
+        path = export_onnx(encoder, out / f"encoder_b{batch}.onnx", batch, cfg.opset)
+        images = torch.randn(batch, 3, encoder.img_size, encoder.img_size)
+        diff = check_onnx(encoder, path, images)
+        if diff > ONNX_TOLERANCE:
+            raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {diff:.2e}")
+        files[path.name] = {"batch": batch, "max_abs_diff": diff}
+        if cfg.int8:
+            int8 = out / f"encoder_int8_{cfg.int8}_b{batch}.onnx"
+            quantize_onnx(path, int8, cfg.int8, calib, cfg.keep_fp32)
+            files[int8.name] = {"batch": batch, "int8": cfg.int8}
+    if cfg.decoder:
+        path = export_decoder_onnx(sam, out / "decoder.onnx", cfg.opset)
+        files[path.name] = {"layout": "segment_anything.utils.onnx.SamOnnxModel"}
+        shutil.copyfile(ort_predict.__file__, out / "predict.py")
+    for name, entry in files.items():
+        entry["bytes"] = (out / name).stat().st_size
+    meta = read_export_meta(cfg.ckpt)
+    return {
+        "ckpt": cfg.ckpt,
+        "student": meta["student"],
+        "img_size": meta["img_size"],
+        "files": files,
+    }
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def parse(argv: list[str] | None) -> ExportConfig:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--ckpt", required=True, help="student.pt to export")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--int8", choices=("dynamic", "static"), help="also an int8 encoder")
+    p.add_argument("--calib-shards", help="teacher cache: calibration / pruning images")
+    p.add_argument("--num-calib", type=int, default=8, help="cached images read (default 8)")
+    p.add_argument("--batch-sizes", type=_ints, default=(1,), help="e.g. 1,4 (default 1)")
+    p.add_argument("--decoder", action="store_true", help="also the decoder ONNX + predict.py")
+    p.add_argument(
+        "--keep-fp32",
+        type=lambda t: tuple(v for v in t.split(",") if v),
+        default=("/patch_embed/",),
+        help="int8: ONNX node-name prefixes left fp32 (default /patch_embed/)",
+    )
+    p.add_argument("--prune", choices=("heads", "mlp"), help="prune instead: writes pruned.pt")
+    p.add_argument("--ratio", type=float, default=0.5, help="--prune: fraction removed")
+    p.add_argument("--criterion", default="activation", choices=("activation", "weight"))
+    p.add_argument("--opset", type=int, default=17)
+    args = p.parse_args(argv)
+    try:
+        return ExportConfig(**vars(args))
+    except ValueError as err:
+        p.error(str(err))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    try:
+        result = prune(cfg) if cfg.prune else export(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = asdict(cfg)
+    name = "prune.json" if cfg.prune else "export.json"
+    (Path(cfg.out) / name).write_text(json.dumps({"settings": settings, **result}, indent=1))
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    if cfg.prune:
+        print(f"next: python launch/distill.py --init {result['pruned']} --shards CACHE --out RUN")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
