@@ -55,3 +55,31 @@ def local_cuda_device(env: DistEnv) -> str:
     if count == 0:
         raise ValueError("--device cuda: no CUDA device is visible")
     return f"cuda:{env.local_rank % count}"
+
+
+def cpu_threads_per_process(
+    environ: dict[str, str] | None = None, num_cpus: int | None = None
+) -> int | None:
+    """CPU threads for one of the processes sharing a node: SLURM's `SLURM_CPUS_PER_TASK` when
+    it gives one, else the node's cores split evenly between its `LOCAL_WORLD_SIZE` (torchrun;
+    `LOCAL_SIZE` for DeepSpeed's launcher) processes. None when `OMP_NUM_THREADS` is set: torch
+    already follows it, and a user's setting wins."""
+    env = dict(os.environ) if environ is None else environ
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    if env.get("SLURM_CPUS_PER_TASK"):
+        return max(1, _int(env, "SLURM_CPUS_PER_TASK"))
+    name = next((n for n in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if env.get(n)), None)
+    local = _int(env, name) if name else 1
+    return max(1, (num_cpus or os.cpu_count() or 1) // max(1, local))
+
+
+def share_cpu_threads(environ: dict[str, str] | None = None) -> int:
+    """Give torch `cpu_threads_per_process` intra-op threads (processes that each take every
+    core of a shared node make every step crawl); the number torch uses now."""
+    import torch
+
+    threads = cpu_threads_per_process(environ)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -2,7 +2,8 @@
 
     python eval/bench_codecs.py [--samples 8] [--taps 7,15,23,31] [--teacher vit_h] [--out F.json]
 
-For fp32 (the reference) and each codec in `teachers.codecs.CODECS`, one sample is the final
+For fp32 (the reference), each codec in `teachers.codecs.CODECS` and the per-field codecs in
+`MIXED` (the final embedding in one codec, the block outputs in another), one sample is the final
 embedding [256, 64, 64] plus one [64, 64, C] block output per tap (C = 1280 for vit_h, 1024 for
 vit_l, 768 for vit_b). The table gives the .npy bytes a shard stores per sample (int8's scale
 array included), the cache size for 1% of SA-1B, encode (tensor -> npy bytes) and decode (npy
@@ -38,6 +39,7 @@ from teachers.codecs import (  # noqa: E402
     encode,
     error_bound,
     from_npy_bytes,
+    parse_codecs,
     to_npy_bytes,
 )
 
@@ -49,6 +51,9 @@ EMBED_CHANNELS = 256
 SA1B_IMAGES_PER_PERCENT = 112_000  # SA-1B has about 11.2M images
 MB = 1e6
 FP32 = "fp32"  # the reference row: float32 arrays saved as .npy
+# Per-field rows: the final embedding, which SAM's mask decoder reads directly, kept at 16 bits;
+# the block outputs, only layer-loss targets, at int8.
+MIXED = ("embed=fp16,blocks=int8", "embed=bf16,blocks=int8")
 
 
 @dataclass
@@ -148,12 +153,17 @@ def decode_fields(blobs: dict[str, bytes], codec: str, axis: int) -> torch.Tenso
     return decode({name: from_npy_bytes(b) for name, b in blobs.items()}, codec, axis)
 
 
-def measure(sample: dict[str, tuple[torch.Tensor, int]], codec: str, stats: CodecStats) -> None:
-    """Time one round trip of a whole sample through `codec` and record bytes and errors."""
+def measure(sample: dict[str, tuple[torch.Tensor, int]], spec: str, stats: CodecStats) -> None:
+    """Time one round trip of a whole sample through the codec `spec` (one codec, or one per
+    field as `--codec` takes it) and record bytes and errors."""
+    per_field = dict.fromkeys(sample, FP32) if spec == FP32 else parse_codecs(spec, list(sample))
     start = time.perf_counter()
-    blobs = {name: encode_fields(x, codec, axis) for name, (x, axis) in sample.items()}
+    blobs = {name: encode_fields(x, per_field[name], axis) for name, (x, axis) in sample.items()}
     encoded = time.perf_counter()
-    out = {name: decode_fields(blobs[name], codec, axis) for name, (_, axis) in sample.items()}
+    out = {
+        name: decode_fields(blobs[name], per_field[name], axis)
+        for name, (_, axis) in sample.items()
+    }
     stats.encode_s.append(encoded - start)
     stats.decode_s.append(time.perf_counter() - encoded)
     for name, (x, axis) in sample.items():
@@ -163,14 +173,15 @@ def measure(sample: dict[str, tuple[torch.Tensor, int]], codec: str, stats: Code
         stats.max_abs_err[group] = max(stats.max_abs_err[group], err.max().item())
         stats.sq_err[group] += err.square().sum().item()
         stats.sq_ref[group] += x.square().sum().item()
-        if codec != FP32:
-            ratio = err.div_(error_bound(x, codec, axis)).max().item()
+        if per_field[name] != FP32:
+            ratio = err.div_(error_bound(x, per_field[name], axis)).max().item()
             stats.max_err_over_bound = max(stats.max_err_over_bound, ratio)
 
 
 def run(cfg: BenchConfig) -> dict[str, CodecStats]:
-    """Measure fp32 and every codec on `cfg.samples` synthetic samples, interleaved."""
-    codecs = (FP32, *CODECS)
+    """Measure fp32, every codec and the per-field ones on `cfg.samples` synthetic samples,
+    interleaved."""
+    codecs = (FP32, *CODECS, *MIXED)
     stats = {codec: CodecStats() for codec in codecs}
     gen = torch.Generator().manual_seed(cfg.seed)
     warmup = synthetic_sample(cfg.teacher, cfg.taps[:1], torch.Generator().manual_seed(-1))
@@ -228,7 +239,7 @@ def _cell(key: str, value: float | str | None) -> str:
 
 
 def format_table(rows: list[dict[str, float | str | None]]) -> str:
-    """A markdown table, one row per codec."""
+    """A markdown table, one row per codec (or per-field codec spec)."""
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     lines += ["| " + " | ".join(_cell(k, row[k]) for k in keys) + " |" for row in rows]

@@ -2,34 +2,34 @@
 
 Layout of OUT:
   shard-000000.tar ...   WebDataset shards (stock `webdataset` + `numpy` read them)
-  shard-000000.json ...  per-shard record: sample count, sha256, keys (written after the shard)
+  shard-000000.json ...  manifest part of each shard: sample count, sha256, keys (after the shard)
   run.json               the settings the cache was started with; a rerun must match them
   manifest.json          run settings + every finished shard; "complete" once all are there
 
 Sample fields (key `__key__`):
   jpg | png | ...        the original image bytes, not re-encoded
-  embed.npy              final teacher embedding [256, h, w] in the codec's storage dtype
+  embed.npy              final teacher embedding [256, h, w] in its codec's storage dtype
   block{i}.npy           tapped block output [h, w, C]
   {name}_scale.npy       int8 only: per-token float32 scale of the field above
-  json                   {"key", "orig_hw", "input_hw", "img_size", "codec", "dtype", "teacher", "taps"}
+  json                   {"key", "orig_hw", "input_hw", "img_size", "codec", "codecs", "dtype",
+                          "dtypes", "teacher", "taps"}: codec is the spec, codecs and dtypes per field
   ann.json               the source annotations (SA-1B json, or COCO image entry + annotations)
 
 Inputs are sorted by key and cut into consecutive shards of `samples_per_shard`; shard i belongs
 to rank i % world_size. A shard is written to `<name>.partial` and appears by atomic rename, so a
 crash leaves no half shard, and a rerun skips finished shards: no sample is ever written twice.
+No file is locked, so ranks on different nodes of NFS or Lustre can share OUT (teachers.manifest).
+Each field may have its own codec (`--codec embed=fp16,blocks=int8`, `teachers.codecs`).
 On a stop request (SIGUSR1/SIGTERM, see distill/preempt.py) the writer finishes the teacher batch
 in hand, drops the shard in progress, updates the manifest and raises `Preempted`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,116 +39,27 @@ from tqdm import tqdm
 from distill.placement import DistEnv, dist_env
 from distill.preempt import Preempted, StopRequest, ignore_in_worker, stop_workers
 from teachers import codecs
-from teachers.build import file_sha256
+from teachers.manifest import (  # noqa: F401 (the cache's names, re-exported)
+    MANIFEST,
+    RUN,
+    CacheRun,
+    claim_run,
+    merge_manifest,
+    read_part,
+    record_path,
+    shard_index,
+    shard_name,
+    shard_record,
+    write_json_atomic,
+)
 from teachers.preprocess import PREPROCESS_VERSION, decode_image, preprocess
 from teachers.sources import SourceItem, list_sources, read_item
-from teachers.teacher import EMBED, Teacher
-
-MANIFEST = "manifest.json"
-RUN = "run.json"
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class CacheRun:
-    """What a cache was made with; a rerun into the same folder must match it field for field."""
-
-    teacher: str
-    teacher_sha256: str
-    taps: list[int]
-    codec: str
-    img_size: int
-    preprocess_version: int
-    samples_per_shard: int
-    num_inputs: int
-    inputs_sha256: str
-    format_version: int = FORMAT_VERSION
-
-
-SHARD_PREFIX, SHARD_DIGITS = "shard-", 6
-
-
-def shard_name(index: int) -> str:
-    """File name of shard `index`: shard-NNNNNN.tar."""
-    return f"{SHARD_PREFIX}{index:0{SHARD_DIGITS}d}.tar"
-
-
-def shard_index(name: str) -> int:
-    """The index in a shard's file name (the inverse of `shard_name`)."""
-    stem = Path(name).name.removesuffix(".tar")
-    digits = stem.removeprefix(SHARD_PREFIX)
-    if stem == digits or not digits.isdigit():
-        raise ValueError(f"{name!r} is not a shard name ({shard_name(0)}, ...)")
-    return int(digits)
-
-
-def record_path(out: Path, index: int) -> Path:
-    """The per-shard record beside shard `index`: shard-NNNNNN.json."""
-    return out / shard_name(index).replace(".tar", ".json")
+from teachers.teacher import EMBED, Teacher, feature_names
 
 
 def channel_axis(field: str) -> int:
     """The final embedding is channels-first [256, h, w]; block outputs are channels-last."""
     return 0 if field == EMBED else -1
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Serialise run.json and manifest updates between processes sharing OUT."""
-    with open(out / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def claim_run(out: Path, run: CacheRun) -> None:
-    """Record the run settings, or check them against the ones OUT was started with."""
-    with _locked(out):
-        path = out / RUN
-        if not path.exists():
-            write_json_atomic(path, asdict(run))
-            return
-        old = json.loads(path.read_text())
-        diff = [
-            f"{k}: cache has {old.get(k)!r}, this run {v!r}"
-            for k, v in asdict(run).items()
-            if old.get(k) != v
-        ]
-        if diff:
-            raise ValueError(
-                f"{out} already holds a cache made with other settings ({'; '.join(diff)}). "
-                "Rerun with the same settings to resume, or choose another --out."
-            )
-
-
-def _shard_done(out: Path, index: int) -> bool:
-    return record_path(out, index).exists() and (out / shard_name(index)).exists()
-
-
-def update_manifest(out: Path, run: CacheRun, num_shards: int) -> dict:
-    """Rewrite manifest.json from the per-shard records that exist now."""
-    with _locked(out):
-        shards = []
-        for i in range(num_shards):
-            if _shard_done(out, i):
-                record = json.loads(record_path(out, i).read_text())
-                shards.append({k: record[k] for k in ("name", "num_samples", "sha256")})
-        manifest = asdict(run) | {
-            "shards": shards,
-            "num_shards": num_shards,
-            "num_samples": sum(s["num_samples"] for s in shards),
-            "complete": len(shards) == num_shards,
-        }
-        write_json_atomic(out / MANIFEST, manifest)
-    return manifest
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -178,15 +89,18 @@ def _collate(batch: list[dict]) -> list[dict]:
     return batch
 
 
-def encode_sample(teacher: Teacher, codec: str, rec: dict, feats: dict[str, torch.Tensor]) -> dict:
-    """One WebDataset sample from a decoded record and its teacher outputs (batch dim removed)."""
+def encode_sample(
+    teacher: Teacher, field_codecs: dict[str, str], rec: dict, feats: dict[str, torch.Tensor]
+) -> dict:
+    """One WebDataset sample from a decoded record and its teacher outputs (batch dim removed),
+    each field stored with its codec from `field_codecs` ({"embed": "fp16", "block7": ...})."""
     item: SourceItem = rec["item"]
     sample = {"__key__": item.key, item.ext: rec["image"]}
-    dtype = None
+    dtypes = {}
     for field, value in feats.items():
-        encoded = codecs.encode(value, codec, channel_axis(field))
+        encoded = codecs.encode(value, field_codecs[field], channel_axis(field))
         sample[f"{field}.npy"] = codecs.to_npy_bytes(encoded["q"])
-        dtype = str(encoded["q"].dtype)
+        dtypes[field] = str(encoded["q"].dtype)
         if "scale" in encoded:
             sample[f"{field}_scale.npy"] = codecs.to_npy_bytes(encoded["scale"])
     meta = {
@@ -194,8 +108,10 @@ def encode_sample(teacher: Teacher, codec: str, rec: dict, feats: dict[str, torc
         "orig_hw": list(rec["orig_hw"]),
         "input_hw": list(rec["input_hw"]),
         "img_size": teacher.img_size,
-        "codec": codec,
-        "dtype": dtype,
+        "codec": codecs.codec_spec(field_codecs),
+        "codecs": field_codecs,
+        "dtype": dtypes[EMBED] if len(set(dtypes.values())) == 1 else "mixed",
+        "dtypes": dtypes,
         "teacher": teacher.name,
         "taps": list(teacher.taps),
     }
@@ -223,14 +139,8 @@ class _ShardWriter:
         self.writer.close()
         with open(self.partial, "rb") as f:
             os.fsync(f.fileno())
-        sha = file_sha256(self.partial)
+        record = shard_record(self.partial, self.keys) | {"name": self.final.name}
         os.replace(self.partial, self.final)
-        record = {
-            "name": self.final.name,
-            "num_samples": len(self.keys),
-            "sha256": sha,
-            "keys": self.keys,
-        }
         write_json_atomic(record_path(self.out, self.index), record)
 
     def discard(self) -> None:
@@ -269,14 +179,14 @@ def _start(
     teacher: Teacher, plan: CachePlan, out: Path, codec: str, env: DistEnv
 ) -> tuple[CacheRun, list[int]]:
     """Claim OUT for this run's settings; this rank's unfinished shards, their leftovers removed."""
-    if codec not in codecs.CODECS:
-        raise ValueError(f"--codec {codec!r}: choose one of {', '.join(codecs.CODECS)}")
+    field_codecs = codecs.parse_codecs(codec, feature_names(teacher.taps))
     out.mkdir(parents=True, exist_ok=True)
     run = CacheRun(
         teacher.name,
         teacher.checkpoint_sha256 or "",
         list(teacher.taps),
-        codec,
+        codecs.codec_spec(field_codecs),
+        field_codecs,
         teacher.img_size,
         PREPROCESS_VERSION,
         plan.samples_per_shard,
@@ -284,7 +194,7 @@ def _start(
         plan.inputs_sha256(),
     )
     claim_run(out, run)
-    todo = [i for i in range(env.rank, plan.num_shards, env.world_size) if not _shard_done(out, i)]
+    todo = [i for i in range(env.rank, plan.num_shards, env.world_size) if not read_part(out, i)]
     for i in todo:  # leftovers of a killed run
         (out / (shard_name(i) + ".partial")).unlink(missing_ok=True)
     return run, todo
@@ -303,6 +213,9 @@ def write_cache(
     stop: StopRequest | None = None,
 ) -> dict:
     """Cache `teacher`'s features for this rank's shards of `plan` in OUT; return the manifest.
+
+    codec: one codec for every field, or per field ("embed=fp16,blocks=int8", see
+    `teachers.codecs.parse_codecs`).
 
     With `stop`, a request seen after a teacher batch drops the shard in progress (finished ones
     stay), updates the manifest and raises `Preempted`; a rerun redoes only the dropped shards.
@@ -333,7 +246,9 @@ def write_cache(
                 if writer is None:
                     writer = _ShardWriter(out, next(shards))
                 writer.write(
-                    encode_sample(teacher, codec, rec, {k: v[j].cpu() for k, v in feats.items()})
+                    encode_sample(
+                        teacher, run.codecs, rec, {k: v[j].cpu() for k, v in feats.items()}
+                    )
                 )
                 if len(writer.keys) == len(plan.shard_items(writer.index)):
                     writer.finish()
@@ -345,7 +260,7 @@ def write_cache(
     finally:
         bar.close()
         stop_workers(batches)
-    return update_manifest(out, run, plan.num_shards)
+    return merge_manifest(out, run, plan.num_shards)
 
 
 def _leave(
@@ -362,7 +277,7 @@ def _leave(
     if writer is not None:
         writer.discard()
         dropped = f"; dropped the unfinished {writer.final.name}, which a rerun redoes"
-    manifest = update_manifest(out, run, plan.num_shards)
+    manifest = merge_manifest(out, run, plan.num_shards)
     raise Preempted(
         f"rank {env.rank}/{env.world_size}: {signal} received: stopped after finishing "
         f"{num_finished} shard(s) in this run{dropped}; {out} has {len(manifest['shards'])} of "

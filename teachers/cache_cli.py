@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.placement import dist_env, local_cuda_device
+from distill.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
 from distill.preempt import REQUEUE_EXIT, Preempted, StopRequest
-from teachers.build import TEACHER_NAMES
-from teachers.cache import plan_cache, write_cache
+from teachers.build import DEFAULT_TAPS, TEACHER_NAMES, TEACHER_SIZES
+from teachers.cache import CachePlan, plan_cache, write_cache
 from teachers.cache_read import load_manifest, verify_cache
-from teachers.codecs import CODECS
+from teachers.codecs import parse_codecs
 from teachers.flags import add_config_flags
-from teachers.teacher import DTYPES, load_teacher
+from teachers.manifest import repair_cache
+from teachers.teacher import DTYPES, feature_names, load_teacher
 
 
 @dataclass
@@ -32,8 +33,10 @@ class CacheConfig:
     """Output folder for shards and manifest.json."""
     layers: tuple[int, ...] | None = None
     """Tapped teacher blocks; None = the teacher's global-attention blocks."""
-    codec: str = field(default="fp16", metadata={"choices": CODECS})
-    """Storage codec for features: fp16, bf16 or int8 (per-token scale)."""
+    codec: str = field(default="fp16", metadata={"metavar": "CODEC|embed=CODEC,blocks=CODEC"})
+    """Storage codec of the features: fp16, bf16 or int8 (per-token scale) for all of them, or
+    per field: embed (the final embedding), blocks (every tapped block) or block{i}, e.g.
+    embed=fp16,blocks=int8 (fields not named keep fp16)."""
     samples_per_shard: int = 256
     """Samples per shard: ViT-H with 4 taps at fp16 is about 44 MB a sample."""
     batch_size: int = 8
@@ -60,8 +63,15 @@ class CacheConfig:
             raise ValueError(
                 f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHER_NAMES)}"
             )
-        if self.codec not in CODECS:
-            raise ValueError(f"--codec {self.codec!r}: choose one of {', '.join(CODECS)}")
+        depth = TEACHER_SIZES[self.teacher][1]
+        layers = DEFAULT_TAPS[self.teacher] if self.layers is None else self.layers
+        bad = [t for t in layers if not 0 <= t < depth]
+        if bad:
+            raise ValueError(
+                f"--layers {','.join(map(str, layers))}: {self.teacher} has blocks 0..{depth - 1}; "
+                f"{', '.join(map(str, bad))} is not one of them"
+            )
+        parse_codecs(self.codec, feature_names(sorted(set(layers))))
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.device not in ("cpu", "cuda"):
@@ -72,8 +82,21 @@ class CacheConfig:
             raise ValueError("--out is required")
         if self.verify is None and not self.images:
             raise ValueError("--images is required (unless --verify)")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        for flag, value in (
+            ("--batch-size", self.batch_size),
+            ("--samples-per-shard", self.samples_per_shard),
+            ("--limit", self.limit),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        if self.workers < 0:
+            raise ValueError(
+                f"--workers must be 0 (decode in the main process) or more, got {self.workers}"
+            )
+        if self.verify is not None and self.verify < 0:
+            raise ValueError(
+                f"--verify N recomputes N samples: give 0 (checksums only) or more, got {self.verify}"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +110,14 @@ def parse_args(argv: list[str] | None = None) -> CacheConfig:
 
 
 def run_verify(cfg: CacheConfig) -> int:
+    repaired = repair_cache(cfg.out)  # before the manifest is read: it may be merged again
     manifest = load_manifest(cfg.out)
+    num_samples = manifest["num_samples"]
+    if cfg.verify and cfg.verify > num_samples:
+        print(
+            f"note: --verify {cfg.verify} asks for more samples than {cfg.out} holds "
+            f"({num_samples}): recomputing all of them (--verify {num_samples} says so)"
+        )
     teacher = None
     if cfg.verify:
         teacher = load_teacher(
@@ -97,7 +127,9 @@ def run_verify(cfg: CacheConfig) -> int:
             dtype=cfg.dtype,
             device=cfg.device,
         )
-    report = verify_cache(cfg.out, teacher, cfg.verify or 0)
+    report = verify_cache(cfg.out, teacher, cfg.verify or 0, repair=False)
+    for name, what in sorted(repaired.items()):
+        print(f"REPAIRED {name}: {what}")
     print(
         f"checked {report.num_checked_shards} shards, {report.num_checked_samples} samples; "
         f"recomputed {report.num_recomputed} (worst error {report.max_error_ratio:.3f}x the codec bound)"
@@ -121,12 +153,34 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
         return REQUEUE_EXIT
 
 
+def explain_plan(cfg: CacheConfig, plan: CachePlan, env: DistEnv) -> None:
+    """Notes (rank 0) on settings that still work but not as a user would expect."""
+    num = len(plan.items)
+    if env.rank != 0:
+        return
+    if cfg.limit is not None and cfg.limit > num:
+        print(f"note: --limit {cfg.limit} is more than the {num} inputs of --images: caching all")
+    if plan.num_shards < env.world_size:
+        fix = (
+            f"--samples-per-shard {num // env.world_size} or less"
+            if num >= env.world_size
+            else f"at most {num} processes"
+        )
+        print(
+            f"note: {num} inputs make {plan.num_shards} shard(s) of --samples-per-shard "
+            f"{plan.samples_per_shard} for {env.world_size} processes, so "
+            f"{env.world_size - plan.num_shards} process(es) have nothing to cache: use {fix}"
+        )
+
+
 def _run(cfg: CacheConfig, stop: StopRequest | None = None) -> int:
+    share_cpu_threads()
     if cfg.verify is not None:
         return run_verify(cfg)
     env = dist_env()
     device = local_cuda_device(env) if cfg.device == "cuda" else "cpu"
     plan = plan_cache(cfg.images, cfg.samples_per_shard, cfg.limit)
+    explain_plan(cfg, plan, env)
     teacher = load_teacher(
         cfg.teacher, cfg.teacher_ckpt, taps=cfg.layers, dtype=cfg.dtype, device=device
     )

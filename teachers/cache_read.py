@@ -14,7 +14,16 @@ import webdataset as wds
 
 from teachers import codecs
 from teachers.build import file_sha256
-from teachers.cache import MANIFEST, channel_axis, record_path, shard_index, shard_name
+from teachers.cache import channel_axis
+from teachers.manifest import (
+    MANIFEST,
+    record_path,
+    repair_cache,
+    shard_index,
+    shard_name,
+    tar_keys,
+    with_codecs,
+)
 from teachers.preprocess import decode_image, preprocess
 from teachers.sources import IMAGE_EXTS, expand_spec
 from teachers.teacher import Teacher, feature_names
@@ -25,7 +34,7 @@ class CacheSample:
     """A decoded cache sample.
 
     features: "embed" [256, h, w] and "block{i}" [h, w, C], float32.
-    meta: the sample's json (orig_hw, input_hw, img_size, codec, dtype, teacher, taps).
+    meta: the sample's json (orig_hw, input_hw, img_size, codec, codecs, dtype, teacher, taps).
     ann: the source annotations, or None.
     """
 
@@ -44,19 +53,47 @@ def load_manifest(cache_dir: str | Path) -> dict:
             f"no {MANIFEST} in {cache_dir}: not a teacher cache, or caching never finished a shard"
         )
     try:
-        return json.loads(path.read_text())
+        return with_codecs(json.loads(path.read_text()))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: corrupt manifest ({err})") from err
+        raise ValueError(
+            f"{path}: corrupt manifest ({err}); launch/cache_teacher.py --out {cache_dir} "
+            "--verify 0 merges it again from the shards' manifest parts"
+        ) from err
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def field_codecs(settings: dict) -> dict[str, str]:
+    """{field: codec} of a manifest or a sample's json, also of those written before fields had
+    their own codec (one `codec` string for all)."""
+    return with_codecs(settings)["codecs"]
+
+
+def _check_codec(manifest: dict, want: str) -> str | None:
+    """What differs between the cache's codecs and the spec `want`, or None."""
+    have = field_codecs(manifest)
+    expected = codecs.parse_codecs(want, list(have))
+    if have == expected:
+        return None
+    text = f"codec: cache has {codecs.codec_spec(have)!r}, expected {codecs.codec_spec(expected)!r}"
+    if len(set(have.values())) > 1 or len(set(expected.values())) > 1:
+        fields = [f"{f} is {have[f]}, not {expected[f]}" for f in have if have[f] != expected[f]]
+        text += f" ({'; '.join(fields)})"
+    return text
 
 
 def check_manifest(manifest: dict, source: str = "cache", **expected: object) -> None:
     """Refuse a cache whose manifest differs from what the caller expects.
 
     expected: any of teacher, taps, img_size, codec, preprocess_version; None values are skipped.
+    codec is a spec ("int8", "embed=fp16,blocks=int8") compared field by field.
     """
     wrong = []
     for key, want in expected.items():
         if want is None:
+            continue
+        if key == "codec":
+            wrong += filter(None, [_check_codec(manifest, want)])
             continue
         have = manifest.get(key)
         if key == "taps":
@@ -77,6 +114,7 @@ class CacheInfo:
 
     shards: the shard files to read (all of the manifest's, or those a glob chose).
     features: the stored feature names ("embed", then "block{i}" per tap).
+    codec: the codec spec ("fp16", "embed=fp16,blocks=int8"); codecs: each feature's codec.
     """
 
     folder: Path
@@ -86,6 +124,7 @@ class CacheInfo:
     taps: list[int]
     img_size: int
     codec: str
+    codecs: dict[str, str]
     features: list[str]
     num_samples: int
     complete: bool
@@ -124,6 +163,7 @@ def open_cache(spec: str | Path) -> CacheInfo:
             taps=list(manifest["taps"]),
             img_size=int(manifest["img_size"]),
             codec=manifest["codec"],
+            codecs=field_codecs(manifest),
             features=feature_names(manifest["taps"]),
             num_samples=int(manifest["num_samples"]),
             complete=bool(manifest["complete"]),
@@ -141,13 +181,13 @@ def decode_sample(raw: dict) -> CacheSample:
     try:
         meta = json.loads(raw["json"])
         ext = next(e for e in IMAGE_EXTS if e in raw)
-        fields = feature_names(meta["taps"])
+        per_field = field_codecs(meta)
         features = {}
-        for name in fields:
+        for name in feature_names(meta["taps"]):
             stored = {"q": codecs.from_npy_bytes(raw[f"{name}.npy"])}
             if f"{name}_scale.npy" in raw:
                 stored["scale"] = codecs.from_npy_bytes(raw[f"{name}_scale.npy"])
-            features[name] = codecs.decode(stored, meta["codec"], channel_axis(name))
+            features[name] = codecs.decode(stored, per_field[name], channel_axis(name))
         ann = json.loads(raw["ann.json"]) if "ann.json" in raw else None
     except (KeyError, StopIteration, ValueError, json.JSONDecodeError) as err:
         raise ValueError(
@@ -161,7 +201,7 @@ def read_cache(
 ) -> Iterator[CacheSample]:
     """Yield every sample of a cache in shard order, after checking its manifest.
 
-    expected: teacher, taps, img_size, codec (see `check_manifest`).
+    expected: teacher, taps, img_size, codec (see `check_manifest`; codec per field).
     """
     manifest = load_manifest(cache_dir)
     check_manifest(manifest, f"cache {cache_dir}", **expected)
@@ -180,6 +220,7 @@ def read_cache(
 @dataclass
 class VerifyReport:
     bad_shards: dict[str, str] = field(default_factory=dict)  # shard name -> reason
+    repaired: dict[str, str] = field(default_factory=dict)  # file -> what `repair_cache` did
     num_checked_shards: int = 0
     num_checked_samples: int = 0
     num_recomputed: int = 0
@@ -190,11 +231,6 @@ class VerifyReport:
         return not self.bad_shards
 
 
-def _count_tar_samples(path: Path) -> int:
-    with tarfile.open(path, "r:") as tar:
-        return len({Path(m.name).name.split(".", 1)[0] for m in tar if m.isfile()})
-
-
 def _check_shard(cache_dir: Path, entry: dict) -> str | None:
     path = cache_dir / entry["name"]
     if not path.is_file():
@@ -202,7 +238,7 @@ def _check_shard(cache_dir: Path, entry: dict) -> str | None:
     if file_sha256(path) != entry["sha256"]:
         return "sha256 mismatch"
     try:
-        count = _count_tar_samples(path)
+        count = len(tar_keys(path))
     except (tarfile.TarError, OSError) as err:
         return f"unreadable tar ({err})"
     if count != entry["num_samples"]:
@@ -214,12 +250,11 @@ def _recompute(teacher: Teacher, sample: CacheSample, slack: float) -> float:
     """Worst ratio of the cached error to the allowed error for one sample."""
     pre = preprocess(decode_image(sample.image, sample.key), teacher.img_size)
     fresh = teacher(pre.image[None])
-    worst = 0.0
+    worst, per_field = 0.0, field_codecs(sample.meta)
     for name, cached in sample.features.items():
         ref = fresh[name][0]
-        allowed = codecs.error_bound(ref, sample.meta["codec"], channel_axis(name)) + slack * (
-            1 + ref.abs()
-        )
+        bound = codecs.error_bound(ref, per_field[name], channel_axis(name))
+        allowed = bound + slack * (1 + ref.abs())
         worst = max(worst, float(((cached - ref).abs() / allowed).max()))
     return worst
 
@@ -230,12 +265,16 @@ def verify_cache(
     num_recompute: int = 0,
     seed: int = 0,
     slack: float = 1e-4,
+    repair: bool = True,
 ) -> VerifyReport:
     """Re-check every shard's sha256 and sample count; recompute `num_recompute` random samples
-    with `teacher` and compare within the codec's bound plus `slack` (batch-size rounding)."""
+    with `teacher` and compare within the codec's bound plus `slack` (batch-size rounding).
+
+    With `repair`, first rebuild lost or unreadable manifest parts from their shards and merge
+    manifest.json again (`teachers.manifest.repair_cache`), which `report.repaired` lists."""
     cache_dir = Path(cache_dir)
+    report = VerifyReport(repaired=repair_cache(cache_dir) if repair else {})
     manifest = load_manifest(cache_dir)
-    report = VerifyReport()
     listed = {s["name"] for s in manifest["shards"]}
     for i in range(manifest["num_shards"]):
         name = shard_name(i)

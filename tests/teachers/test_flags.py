@@ -137,7 +137,7 @@ def test_distill_parses() -> None:
     [
         ("distill", ["--zero-stage", "3"], "invalid choice"),
         ("distill", ["--teacher-taps", "1,x"], "expected comma-separated integers"),
-        ("cache", ["--codec", "fp8"], "invalid choice"),
+        ("cache", ["--dtype", "fp8"], "invalid choice"),
         ("coco", ["--prompt", "line"], "invalid choice"),
         ("lvis", ["--split", "val2017"], "unrecognized arguments"),
         ("coco", ["--lvis-json", "v.json"], "unrecognized arguments"),
