@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from distill.config import TrainConfig, batch_layout, deepspeed_config, warmup_steps
-from distill.placement import DistEnv, dist_env, local_cuda_device
+from distill.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
 from distill.preempt import Preempted, StopRequest
 from distill.schedule import lr_at
 
@@ -106,6 +106,7 @@ def start_processes(cfg: TrainConfig) -> DistEnv:
     """Read this process's placement; with DeepSpeed, start its process group (nccl on GPUs,
     gloo on CPUs) and, on CPUs, share the node's cores between its processes."""
     env = dist_env()
+    batch_layout(cfg, env.world_size)  # a batch the processes cannot share fails before they meet
     device = resolve_device(cfg.device)
     if cfg.engine == "torch":
         if env.world_size > 1:
@@ -132,10 +133,8 @@ def _init_deepspeed_group(env: DistEnv, device: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Processes sharing a node's cores: oversubscribed threads make every step crawl.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if device == "cpu":
+        share_cpu_threads()
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distill.placement import DistEnv, dist_env, local_cuda_device
+from distill.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
 from eval.config import EvalConfig
 from eval.datasets import (
     EvalDataset,
@@ -179,8 +179,15 @@ def run(cfg: EvalConfig) -> dict | None:
     env = dist_env()
     if env.world_size > 1 and not cfg.out:
         raise ValueError("--out is required with several processes: part files go beside it")
+    share_cpu_threads()  # the node's cores split between its processes
     ds = load_dataset(cfg)
     images, missing = select_images(cfg, ds)
+    found = len(images) + len(missing)
+    if env.rank == 0 and cfg.limit_images is not None and cfg.limit_images > found:
+        print(
+            f"note: --limit-images {cfg.limit_images} is more than the {found} images "
+            "with something to evaluate: evaluating all of them"
+        )
     run_id = fingerprint(cfg, ds)
     if cfg.merge:
         world = _merge_world_size(cfg.out)
