@@ -20,6 +20,14 @@ ENGINES = ("deepspeed", "torch")
 PHASES = ("encoder", "decoder")
 
 
+def _check_at_least(cfg: object, name: str, least: float) -> None:
+    """A numeric field that must be `least` or more (None: unset)."""
+    value = getattr(cfg, name)
+    if value is not None and value < least:
+        hint = " (0 disables it)" if name in ("grad_clip", "feature_weight") else ""
+        raise ValueError(f"--{name.replace('_', '-')} must be {least} or more{hint}, got {value}")
+
+
 def _check_choices(cfg: object) -> None:
     for f in fields(cfg):
         choices = f.metadata.get("choices")
@@ -83,13 +91,26 @@ class TrainConfig:
         if not self.out:
             raise ValueError("--out is required")
         positive = ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every")
+        positive += ("max_nonfinite",)
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(
+                f"--micro-batch-size must be at least 1, got {self.micro_batch_size}; leave it "
+                "unset for --batch-size / processes"
+            )
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        at_least_zero = ("weight_decay", "grad_clip", "warmup_steps")
+        for name in at_least_zero:
+            _check_at_least(self, name, 0)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                f"--min-lr-ratio is a fraction of --lr: give 0 to 1, got {self.min_lr_ratio}"
+            )
         if self.engine == "torch" and self.zero_stage:
             raise ValueError("--zero-stage needs --engine deepspeed")
         _check_choices(self)
@@ -165,7 +186,8 @@ class DistillConfig(TrainConfig):
     img_size: int | None = None
     """Expected cache image size (the student's input side); default the cache's."""
     codec: str | None = None
-    """Expected cache codec; default the cache's."""
+    """Expected cache codec: one for every field (fp16) or per field (embed=fp16,blocks=int8),
+    checked field by field; default the cache's."""
     workers: int = 2
     """Data loader workers per process."""
     shuffle_buffer: int = 32
@@ -179,6 +201,20 @@ class DistillConfig(TrainConfig):
         super().__post_init__()
         if self.shuffle_buffer < 1:
             raise ValueError(f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
+        _check_at_least(self, "workers", 0)
+        if not 0 <= self.dld_floor <= 1:
+            raise ValueError(
+                f"--dld-floor is the final embedding's least weight: give 0 to 1, got {self.dld_floor}"
+            )
+        if self.dld_every_epochs is not None and self.dld_every_epochs <= 0:
+            raise ValueError(
+                f"--dld-every-epochs must be positive, got {self.dld_every_epochs}; leave it unset "
+                "to spread the pairs over the run"
+            )
+        if self.img_size is not None and (self.img_size < 16 or self.img_size % 16):
+            raise ValueError(
+                f"--img-size must be a positive multiple of 16 (the patch size), got {self.img_size}"
+            )
         if self.phase == "decoder":
             if self.init is None:
                 raise ValueError(
@@ -247,6 +283,7 @@ class AdaptConfig(TrainConfig):
         super().__post_init__()
         if self.val_every < 1:
             raise ValueError(f"--val-every must be at least 1, got {self.val_every}")
+        _check_at_least(self, "workers", 0)
         if self.merge and self.method != "lora":
             raise ValueError(
                 f"--merge folds LoRA into qkv: it needs --method lora, not {self.method}"
@@ -276,13 +313,22 @@ class AdaptConfig(TrainConfig):
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(micro-batch per process, accumulation steps) for the global batch over `world_size`."""
-    micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    if micro < 1 or cfg.batch_size % (micro * world_size):
+    batch, micro = cfg.batch_size, cfg.micro_batch_size
+    if batch < world_size or batch % world_size:
+        fit = max(world_size, batch // world_size * world_size)
         raise ValueError(
-            f"--batch-size {cfg.batch_size} is not a multiple of micro-batch {micro} x "
-            f"{world_size} processes; adjust --batch-size or --micro-batch-size"
+            f"--batch-size {batch} is the global batch, shared by the {world_size} processes: it "
+            f"must be at least, and a multiple of, {world_size} (the number of processes); "
+            f"e.g. --batch-size {fit}"
         )
-    return micro, cfg.batch_size // (micro * world_size)
+    micro = micro or batch // world_size
+    if batch % (micro * world_size):
+        raise ValueError(
+            f"--batch-size {batch} must be a multiple of --micro-batch-size {micro} x "
+            f"{world_size} processes = {micro * world_size}: change one of them (or leave "
+            "--micro-batch-size unset for no accumulation)"
+        )
+    return micro, batch // (micro * world_size)
 
 
 def warmup_steps(cfg: TrainConfig) -> int:
