@@ -82,26 +82,36 @@ def _check_codec(manifest: dict, want: str) -> str | None:
     return text
 
 
+# The training flags that state a cache fact (distill.config.DistillConfig).
+FACT_FLAGS = {"teacher": "--teacher", "taps": "--teacher-taps", "img_size": "--img-size"}
+FACT_FLAGS["codec"] = "--codec"
+
+
 def check_manifest(manifest: dict, source: str = "cache", **expected: object) -> None:
     """Refuse a cache whose manifest differs from what the caller expects.
 
     expected: any of teacher, taps, img_size, codec, preprocess_version; None values are skipped.
     codec is a spec ("int8", "embed=fp16,blocks=int8") compared field by field.
     """
-    wrong = []
+    wrong: dict[str, str] = {}
     for key, want in expected.items():
         if want is None:
             continue
         if key == "codec":
-            wrong += filter(None, [_check_codec(manifest, want)])
+            if (text := _check_codec(manifest, want)) is not None:
+                wrong[key] = text
             continue
         have = manifest.get(key)
         if key == "taps":
             have, want = sorted(have or []), sorted(want)
         if have != want:
-            wrong.append(f"{key}: cache has {have!r}, expected {want!r}")
+            wrong[key] = f"{key}: cache has {have!r}, expected {want!r}"
     if wrong:
-        raise ValueError(f"{source} does not match this run: " + "; ".join(wrong))
+        flags = ", ".join(FACT_FLAGS.get(k, k) for k in wrong)
+        raise ValueError(
+            f"{source} does not match this run: {'; '.join(wrong.values())} (give {flags} as "
+            "the cache has it, or leave it unset to take the cache's)"
+        )
 
 
 def shard_paths(cache_dir: str | Path, manifest: dict) -> list[str]:

@@ -149,6 +149,31 @@ DISTILL = [
 ]
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(coco_root, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    assert cache_main(_cache_args(coco_root, tiny_ckpt, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--teacher-taps", "1,40"],
+            "taps: cache has [1, 3], expected [1, 40] (give --teacher-taps",
+        ),
+        (["--img-size", "1024"], "img_size: cache has 256, expected 1024 (give --img-size as the"),
+        (["--img-size", "1024", "--codec", "int8"], "(give --img-size, --codec as the cache has"),
+    ],
+)
+def test_distill_facts_beyond_the_cache(argv, message, tiny_cache, tmp_path, capsys):
+    run = ["--shards", str(tiny_cache), "--out", str(tmp_path / "r"), "--engine", "torch"]
+    assert distill_main([*run, *argv]) == 2
+    err = _error(capsys)
+    assert message in err and "or leave it unset to take the cache's" in err
+
+
 @pytest.mark.parametrize(("argv", "message"), TRAIN + DISTILL)
 def test_distill_flags(argv, message, tmp_path, capsys):
     assert distill_main(["--shards", "s", "--out", str(tmp_path / "r"), *argv]) == 2

@@ -129,10 +129,10 @@ def test_manifest_check_names_the_differing_field(mixed_cache):
     check_manifest(manifest, codec="blocks=int8")  # embed keeps fp16 when not named
     with pytest.raises(ValueError) as err:
         check_manifest(manifest, codec="embed=fp16,blocks=int8,block3=bf16")
-    assert str(err.value).endswith(
+    assert (
         "codec: cache has 'embed=fp16,blocks=int8', expected 'embed=fp16,block1=int8,"
-        "block3=bf16' (block3 is int8, not bf16)"
-    )
+        "block3=bf16' (block3 is int8, not bf16) (give --codec as the cache has it"
+    ) in str(err.value)
     with pytest.raises(
         ValueError,
         match=r"codec: cache has 'embed=fp16,blocks=int8', expected "
