@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from students.dfa import DilatedFlashAttention
@@ -72,12 +73,33 @@ def check_onnx(encoder: nn.Module, path: str | Path, images: torch.Tensor) -> fl
     return float(np.abs(ours - ref).max())
 
 
-def export_decoder_onnx(sam: nn.Module, path: str | Path, opset: int = 17) -> Path:
-    """Write `sam`'s prompt encoder + mask decoder in SAM's ONNX layout (module docstring)."""
+def _decoder_model(sam: nn.Module) -> nn.Module:
+    """`SamOnnxModel` whose crop to the resized image stays a graph computation.
+
+    Upstream crops with `masks[..., : int(h), : int(w)]`; the tracer freezes those ints to the
+    dummy input's image size, so every other image size would get a wrong crop. Here the crop
+    indexes with `arange` of the computed size, which traces to a dynamic `Range` + `Gather`.
+    """
     from segment_anything.utils.onnx import SamOnnxModel
 
+    class DynamicCrop(SamOnnxModel):
+        def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor):
+            side = (self.img_size, self.img_size)
+            masks = F.interpolate(masks, size=side, mode="bilinear", align_corners=False)
+            h, w = self.resize_longest_image_size(orig_im_size, self.img_size)
+            masks = masks.index_select(2, torch.arange(h)).index_select(3, torch.arange(w))
+            size = orig_im_size.to(torch.int64)
+            return F.interpolate(
+                masks, size=(size[0], size[1]), mode="bilinear", align_corners=False
+            )
+
+    return DynamicCrop(copy.deepcopy(sam).float().cpu().eval(), return_single_mask=True)
+
+
+def export_decoder_onnx(sam: nn.Module, path: str | Path, opset: int = 17) -> Path:
+    """Write `sam`'s prompt encoder + mask decoder in SAM's ONNX layout (module docstring)."""
     path = Path(path)
-    model = SamOnnxModel(copy.deepcopy(sam).float().cpu().eval(), return_single_mask=True)
+    model = _decoder_model(sam)
     grid = sam.image_encoder.img_size // 16
     dummy = (
         torch.randn(1, sam.prompt_encoder.embed_dim, grid, grid),

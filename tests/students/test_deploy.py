@@ -1,0 +1,181 @@
+"""Deployment exports: encoder ONNX per batch size against PyTorch, int8 encoders against the fp32
+student, SAM's decoder ONNX and the torch-free predictor against SamPredictor, launch/export.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+
+from launch import export as export_cli
+from students import build_student
+from students.export import load_sam, save_student
+from students.ort_predict import OrtPredictor
+from students.ort_predict import preprocess as ort_preprocess
+from students.quant import embedding_agreement, quantize_onnx, quantize_torch
+from teachers.preprocess import preprocess
+from tests.conftest import REPO
+
+SIDE = 128
+IMAGE = np.random.default_rng(0).integers(0, 256, (96, 130, 3), dtype=np.uint8)
+BOXES = [[5.0, 8.0, 70.0, 60.0], [40.5, 20.0, 128.0, 90.0], [0.0, 0.0, 129.0, 95.0]]
+
+
+@pytest.fixture(scope="module")
+def student_pt(tiny_sam, tmp_path_factory):
+    torch.manual_seed(0)
+    student = build_student("dfa_t", img_size=SIDE).eval()
+    path = tmp_path_factory.mktemp("deploy") / "student.pt"
+    return save_student(path, student, tiny_sam, teacher="vit_tiny", teacher_sha256="x", step=1)
+
+
+@pytest.fixture(scope="module")
+def exported(student_pt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported")
+    argv = ["--ckpt", str(student_pt), "--out", str(out), "--batch-sizes", "1,3", "--decoder"]
+    assert export_cli.main([*argv, "--int8", "dynamic"]) == 0
+    return out
+
+
+def _ort(path, images: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": images.numpy()})[0]
+
+
+@pytest.mark.slow
+def test_fp32_onnx_matches_pytorch_at_each_batch_size(student_pt, exported):
+    encoder = load_sam(student_pt).image_encoder
+    record = json.loads((exported / "export.json").read_text())["files"]
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            ref = encoder(images).numpy()
+        diff = np.abs(_ort(exported / f"encoder_b{batch}.onnx", images) - ref).max()
+        assert diff < 1e-4, f"batch {batch}: {diff}"
+        assert record[f"encoder_b{batch}.onnx"]["max_abs_diff"] < 1e-4
+        int8 = exported / f"encoder_int8_dynamic_b{batch}.onnx"
+        assert int8.stat().st_size < 0.6 * (exported / f"encoder_b{batch}.onnx").stat().st_size
+    with pytest.raises(Exception, match="(?i)dimension|shape"):  # shapes are static
+        _ort(exported / "encoder_b3.onnx", torch.zeros(1, 3, SIDE, SIDE))
+
+
+def test_ort_preprocessing_equals_teachers_preprocess():
+    ours = ort_preprocess(IMAGE, SIDE)[0]
+    ref = preprocess(IMAGE, SIDE).image.numpy()
+    assert ours.shape == ref.shape and np.array_equal(ours, ref)
+
+
+@pytest.mark.slow
+def test_decoder_onnx_gives_sam_predictors_masks(student_pt, exported):
+    sam = load_sam(student_pt)
+    predictor = SamPredictor(sam)
+    predictor.set_image(IMAGE)
+    ort_predictor = OrtPredictor(exported / "encoder_b1.onnx", exported / "decoder.onnx")
+    ort_predictor.set_embedding(predictor.features.numpy(), IMAGE.shape[:2])
+    for box in BOXES:
+        masks, scores, _ = predictor.predict(
+            box=np.array(box), multimask_output=True, return_logits=True
+        )
+        best = masks[np.argmax(scores)]
+        logits, iou, _ = ort_predictor.predict_box(box)
+        assert logits.shape == IMAGE.shape[:2]
+        assert np.abs(logits - best).max() < 1e-3
+        assert iou == pytest.approx(scores.max(), abs=1e-4)
+        sure = np.abs(best) > 1e-3  # pixels whose sign float rounding cannot flip
+        assert np.array_equal((logits > 0)[sure], (best > 0)[sure])
+    # The whole chain, encoder included, from ONNX files alone.
+    ort_predictor.set_image(IMAGE)
+    assert np.abs(ort_predictor.embedding - predictor.features.numpy()).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_predict_py_runs_without_torch(exported, tmp_path):
+    Image.fromarray(IMAGE).save(tmp_path / "image.png")
+    blocker = (
+        "import runpy, sys; sys.modules['torch'] = None; "  # any `import torch` now fails
+        f"sys.argv = ['predict.py', *sys.argv[1:]]; "
+        f"runpy.run_path({str(exported / 'predict.py')!r}, run_name='__main__')"
+    )
+    args = ["--encoder", str(exported / "encoder_int8_dynamic_b1.onnx")]
+    args += ["--decoder", str(exported / "decoder.onnx"), "--image", str(tmp_path / "image.png")]
+    args += ["--box", "5,8,70,60", "--box", "40,20,128,90", "--out", str(tmp_path / "m.png")]
+    result = subprocess.run(
+        [sys.executable, "-c", blocker, *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    labels = np.asarray(Image.open(tmp_path / "m.png"))
+    assert labels.shape == IMAGE.shape[:2] and set(np.unique(labels)) <= {0, 1, 2}
+    assert result.stdout.count("predicted IoU") == 2
+
+
+def test_export_flags_are_checked(student_pt, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export_cli.main(["--ckpt", str(student_pt), "--out", str(tmp_path), "--int8", "static"])
+    assert "--calib-shards" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_cli.main(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
+    assert "nope.pt: no such file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--int8 'int4'"):
+        quantize_onnx(tmp_path / "x.onnx", tmp_path / "y.onnx", "int4")
+
+
+# --- int8 on a briefly distilled student (random weights quantize unrealistically) -------------
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A dfa_t distilled 40 steps from a vit_tiny cache of 8 generated images, the cache, and 6
+    generated images of another seed to score on."""
+    from eval.synthetic import make_coco
+    from teachers import load_teacher
+    from teachers.cache import plan_cache, write_cache
+    from teachers.preprocess import load_image
+
+    root = tmp_path_factory.mktemp("distilled")
+    make_coco(root / "coco", num_images=8, seed=3)
+    teacher = load_teacher("vit_tiny", taps=(1, 3))
+    write_cache(teacher, plan_cache(str(root / "coco"), 4), root / "cache", progress=False)
+    cmd = [sys.executable, "launch/distill.py", "--shards", str(root / "cache"), "--out"]
+    cmd += [str(root / "run"), "--student", "dfa_t", "--steps", "40", "--batch-size", "4"]
+    cmd += ["--lr", "2e-3", "--workers", "0", "--no-progress", "--device", "cpu"]
+    cmd += ["--engine", "torch", "--log-every", "20"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+    make_coco(root / "scored", num_images=6, seed=11)
+    sam = load_sam(root / "run" / "student.pt")
+    size = sam.image_encoder.img_size
+    files = sorted((root / "scored" / "val2017").iterdir())
+    images = torch.stack([preprocess(load_image(f), size).image for f in files])
+    return root, sam.image_encoder, images
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_embedding_of_a_distilled_student(distilled):
+    root, encoder, images = distilled
+    out = root / "int8"
+    argv = ["--ckpt", str(root / "run" / "student.pt"), "--out", str(out)]
+    argv += ["--calib-shards", str(root / "cache")]
+    assert export_cli.main([*argv, "--int8", "static"]) == 0
+    quantize_onnx(out / "encoder_b1.onnx", out / "dynamic.onnx", "dynamic")
+    with torch.inference_mode():
+        ref = encoder(images).numpy()
+        torch_int8 = quantize_torch(encoder)(images).numpy()
+
+    def ort_all(path):
+        return np.concatenate([_ort(path, images[i : i + 1]) for i in range(len(images))])
+
+    static = embedding_agreement(ref, ort_all(out / "encoder_int8_static_b1.onnx"))
+    dynamic = embedding_agreement(ref, ort_all(out / "dynamic.onnx"))
+    in_torch = embedding_agreement(ref, torch_int8)
+    print(f"int8 cosine: static {static}, dynamic {dynamic}, torch {in_torch}")
+    for figures in (static, dynamic, in_torch):
+        assert figures["cosine_min"] >= 0.99 and figures["rel_error"] < 0.1
+    # Quantized, not a copy: the error is there, but small.
+    assert static["rel_error"] > 1e-4 and dynamic["rel_error"] > 1e-4
