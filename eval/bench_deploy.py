@@ -1,0 +1,280 @@
+"""Deployment variants of one student against the fp32 student, in one run.
+
+python eval/bench_deploy.py --ckpt runs/dfa_s/student.pt [--pruned a.pt,b.pt | --prune heads:0.5,mlp:0.5]
+    [--calib-shards CACHE] [--num-images 8] [--repeats 5] [--out runs/bench_deploy.json]
+
+Variants of the encoder, each fed the same preprocessed generated images (``eval.synthetic``):
+
+* ``fp32_torch``: the student as ``load_sam`` builds it (the reference of every ratio);
+* ``fp32_onnx``: its ONNX through onnxruntime (``students.onnx``);
+* ``int8_onnx_dynamic`` / ``int8_onnx_static``: ``onnxruntime.quantization`` (``students.quant``),
+  static calibrated on ``--calib-shards`` images or, without a cache, on generated images of
+  another seed than the scored ones;
+* ``int8_torch``: ``torch.ao`` dynamic quantization of the Linear layers;
+* ``pruned:NAME``: each ``--pruned`` student.pt (re-distilled, fp32 PyTorch), or, with
+  ``--prune target:ratio``, the student pruned here without re-distillation.
+
+Per variant: median batch-1 latency over ``--repeats`` interleaved runs and its ratio to
+``fp32_torch`` (onnxruntime gets as many threads as torch), model bytes (ONNX file; serialized
+state dict for PyTorch), embedding cosine and relative L2 error to the fp32 student's embedding
+(mean over images), and box agreement: GT boxes of the generated images decoded by the student's
+SAM decoder from each variant's embedding (multimask, best predicted IoU kept, as in
+``eval.runner``), mIoU x 100 against the fp32 student's masks.
+"""
+
+import sys
+from pathlib import Path
+
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path.insert(0, str(_here.parent))
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from segment_anything import SamPredictor  # noqa: E402
+from torch import nn  # noqa: E402
+
+from eval.bench_adapt import machine_info  # noqa: E402
+from eval.metrics import encode_masks, mask_iou  # noqa: E402
+from eval.prompts import boxes_xyxy  # noqa: E402
+from eval.runner import predict_masks  # noqa: E402
+from eval.synthetic import make_coco  # noqa: E402
+from students.export import load_sam  # noqa: E402
+from students.onnx import export_onnx  # noqa: E402
+from students.prune import prune_student  # noqa: E402
+from students.quant import embedding_agreement, quantize_onnx, quantize_torch  # noqa: E402
+from teachers.preprocess import Preprocessed, load_image, preprocess  # noqa: E402
+
+Encode = Callable[[torch.Tensor], np.ndarray]  # [B, 3, S, S] -> [B, 256, h, w]
+
+
+def generated_images(root: Path, num: int, seed: int, img_size: int) -> list[tuple]:
+    """(preprocessed image, [N, 4] xyxy GT boxes) of ``num`` generated COCO images."""
+    ann = json.loads(make_coco(root, num_images=num, seed=seed).read_text())
+    items = []
+    for img in ann["images"]:
+        boxes = [
+            a["bbox"] for a in ann["annotations"] if a["image_id"] == img["id"] and a["area"] >= 1
+        ]
+        pre = preprocess(load_image(root / "val2017" / img["file_name"]), img_size)
+        items.append((pre, boxes_xyxy(boxes)))
+    return items
+
+
+def torch_encode(encoder: nn.Module) -> Encode:
+    def run(images: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return encoder.eval()(images).float().numpy()
+
+    return run
+
+
+def onnx_encode(path: Path) -> Encode:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"image": images.numpy().astype(np.float32)})[0]
+
+
+def state_bytes(module: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def box_masks(sam, embedding: np.ndarray, pre: Preprocessed, boxes: np.ndarray) -> list[dict]:
+    """RLEs of the masks ``sam``'s decoder draws for ``boxes`` from ``embedding`` [1, 256, h, w]."""
+    predictor = SamPredictor(sam)
+    predictor.original_size, predictor.input_size = pre.orig_hw, pre.input_hw
+    predictor.features = torch.as_tensor(embedding)
+    predictor.is_image_set = True
+    with torch.inference_mode():
+        return encode_masks(predict_masks(predictor, multimask_output=True, boxes=boxes))
+
+
+def latencies(encoders: dict[str, Encode], image: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median ms per call of each encoder on ``image``, runs interleaved (one warm-up each)."""
+    for encode in encoders.values():
+        encode(image)
+    times: dict[str, list[float]] = {name: [] for name in encoders}
+    for _ in range(repeats):
+        for name, encode in encoders.items():
+            tic = time.perf_counter()
+            encode(image)
+            times[name].append(1e3 * (time.perf_counter() - tic))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def build_variants(args: argparse.Namespace, sam, work: Path, calib: torch.Tensor) -> tuple:
+    """{name: encode}, {name: bytes}, {name: SAM whose decoder scores it}."""
+    encoder = sam.image_encoder.eval()
+    encoders, sizes, sams = {"fp32_torch": torch_encode(encoder)}, {}, {}
+    sizes["fp32_torch"] = state_bytes(encoder)
+    onnx = export_onnx(encoder, work / "encoder_b1.onnx", batch=1)
+    encoders["fp32_onnx"], sizes["fp32_onnx"] = onnx_encode(onnx), onnx.stat().st_size
+    for mode in ("dynamic", "static"):
+        path = quantize_onnx(onnx, work / f"encoder_int8_{mode}.onnx", mode, calib)
+        encoders[f"int8_onnx_{mode}"], sizes[f"int8_onnx_{mode}"] = (
+            onnx_encode(path),
+            path.stat().st_size,
+        )
+    quantized = quantize_torch(encoder)
+    encoders["int8_torch"], sizes["int8_torch"] = torch_encode(quantized), state_bytes(quantized)
+    for path in args.pruned:
+        pruned_sam = load_sam(path)
+        name = f"pruned:{Path(path).parent.name}/{Path(path).name}"
+        encoders[name], sizes[name] = (
+            torch_encode(pruned_sam.image_encoder),
+            state_bytes(pruned_sam.image_encoder),
+        )
+        sams[name] = pruned_sam
+    for target, ratio in args.prune:
+        pruned, _ = prune_student(encoder, target, ratio, calib)
+        name = f"pruned:{target}{ratio:g} (not re-distilled)"
+        encoders[name], sizes[name] = torch_encode(pruned), state_bytes(pruned)
+    return encoders, sizes, sams
+
+
+def score(encoders: dict[str, Encode], sams: dict, sam, items: list[tuple]) -> dict[str, dict]:
+    """Embedding agreement and box-mask agreement of every variant with ``fp32_torch``."""
+    images = torch.stack([pre.image for pre, _ in items])
+    embeds = {
+        name: np.concatenate([encode(images[i : i + 1]) for i in range(len(images))])
+        for name, encode in encoders.items()
+    }
+    ref = embeds["fp32_torch"]
+    ref_masks = [box_masks(sam, ref[i : i + 1], pre, boxes) for i, (pre, boxes) in enumerate(items)]
+    rows = {}
+    for name, emb in embeds.items():
+        decoder_sam = sams.get(name, sam)
+        ious = []
+        for i, (pre, boxes) in enumerate(items):
+            masks = box_masks(decoder_sam, emb[i : i + 1], pre, boxes)
+            ious += [
+                mask_iou(a, b, both_empty=1.0) for a, b in zip(ref_masks[i], masks, strict=True)
+            ]
+        rows[name] = {
+            **embedding_agreement(ref, emb),
+            "box_agreement_miou": 100 * float(np.mean(ious)),
+            "num_boxes": len(ious),
+        }
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "\n| variant | latency ms | latency ratio to fp32 torch | model MB | embedding cosine | "
+        "relative error | box agreement mIoU |\n|---|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['latency_ms']:.1f} | {r['latency_ratio']:.2f} | "
+            f"{r['bytes'] / 1e6:.2f} | {r['cosine']:.5f} | {r['rel_error']:.4f} | "
+            f"{r['box_agreement_miou']:.1f} |"
+        )
+
+
+def _prune_specs(text: str) -> list[tuple[str, float]]:
+    specs = []
+    for part in (p for p in text.split(",") if p):
+        target, _, ratio = part.partition(":")
+        if target not in ("heads", "mlp") or not ratio:
+            raise argparse.ArgumentTypeError(f"--prune {part!r}: give target:ratio, e.g. heads:0.5")
+        specs.append((target, float(ratio)))
+    return specs
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--ckpt", required=True, help="the fp32 student.pt")
+    p.add_argument(
+        "--pruned",
+        type=lambda t: [v for v in t.split(",") if v],
+        default=[],
+        help="re-distilled pruned student.pt files",
+    )
+    p.add_argument(
+        "--prune", type=_prune_specs, default=[], help="prune here, e.g. heads:0.5,mlp:0.5"
+    )
+    p.add_argument(
+        "--calib-shards", help="teacher cache for static calibration (default: generated)"
+    )
+    p.add_argument("--num-calib", type=int, default=8)
+    p.add_argument("--num-images", type=int, default=8, help="generated images scored")
+    p.add_argument("--seed", type=int, default=11, help="seed of the scored images")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
+    p.add_argument("--out", default="runs/bench_deploy.json", help="JSON file of every figure")
+    args = p.parse_args(argv)
+    for path in [args.ckpt, *args.pruned]:
+        if not Path(path).is_file():
+            p.error(f"--ckpt/--pruned {path}: no such file")
+    if args.repeats < 1 or args.num_images < 1:
+        p.error("--repeats and --num-images must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    sam = load_sam(args.ckpt)
+    size = sam.image_encoder.img_size
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        items = generated_images(work / "scored", args.num_images, args.seed, size)
+        if args.calib_shards:
+            from launch.export import cache_images
+
+            calib = cache_images(args.calib_shards, args.num_calib, size)
+        else:
+            calib = torch.stack(
+                [
+                    pre.image
+                    for pre, _ in generated_images(
+                        work / "calib", args.num_calib, args.seed + 1, size
+                    )
+                ]
+            )
+        encoders, sizes, sams = build_variants(args, sam, work, calib)
+        agreement = score(encoders, sams, sam, items)
+        latency = latencies(encoders, items[0][0].image[None], args.repeats)
+    base = latency["fp32_torch"]
+    rows = [
+        {
+            "variant": name,
+            "latency_ms": latency[name],
+            "latency_ratio": latency[name] / base,
+            "bytes": sizes[name],
+            **agreement[name],
+        }
+        for name in encoders
+    ]
+    machine = machine_info("cpu")
+    print(
+        json.dumps(machine),
+        f"\n{args.ckpt}: {size} px, batch 1, {args.num_images} generated images",
+    )
+    print_table(rows)
+    int8 = {r["variant"]: r["latency_ms"] for r in rows if r["variant"].startswith("int8_")}
+    print(f"\nfastest int8 path: {min(int8, key=int8.get)}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        settings = dict(vars(args))
+        Path(args.out).write_text(
+            json.dumps({"machine": machine, "settings": settings, "rows": rows}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

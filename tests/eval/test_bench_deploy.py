@@ -1,0 +1,41 @@
+"""eval/bench_deploy.py in one tiny run: every variant's row, the fp32 reference, real figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eval import bench_deploy
+from students import build_student
+from students.export import save_student
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_deploy_rows(tiny_sam, tmp_path, capsys):
+    torch.manual_seed(0)
+    student = build_student("dfa_t", img_size=64)
+    ckpt = save_student(
+        tmp_path / "s.pt", student, tiny_sam, teacher="vit_tiny", teacher_sha256="x", step=1
+    )
+    out = tmp_path / "bench.json"
+    argv = ["--ckpt", str(ckpt), "--pruned", str(ckpt), "--prune", "mlp:0.5"]
+    argv += ["--num-images", "2", "--num-calib", "2", "--repeats", "1", "--out", str(out)]
+    assert bench_deploy.main(argv) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    expected = {"fp32_torch", "fp32_onnx", "int8_onnx_dynamic", "int8_onnx_static", "int8_torch"}
+    assert expected <= set(rows) and "pruned:mlp0.5 (not re-distilled)" in rows
+    ref = rows["fp32_torch"]
+    assert ref["latency_ratio"] == 1.0 and ref["cosine"] == pytest.approx(1.0)
+    assert ref["box_agreement_miou"] == 100.0 and ref["num_boxes"] > 0
+    assert rows["fp32_onnx"]["rel_error"] < 1e-5  # the same model
+    assert rows[f"pruned:{tmp_path.name}/s.pt"]["rel_error"] < 1e-6  # the student itself
+    pruned = rows["pruned:mlp0.5 (not re-distilled)"]
+    assert pruned["bytes"] < ref["bytes"] and pruned["rel_error"] > 1e-3
+    for name in ("int8_onnx_dynamic", "int8_onnx_static", "int8_torch"):
+        assert rows[name]["bytes"] < 0.7 * rows["fp32_onnx"]["bytes"]
+        assert 0 < rows[name]["rel_error"] < 1 and rows[name]["latency_ms"] > 0
+    table = capsys.readouterr().out
+    assert "| int8_onnx_static |" in table and "fastest int8 path: int8_" in table
