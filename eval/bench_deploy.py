@@ -1,7 +1,7 @@
 """Deployment variants of one student against the fp32 student, in one run.
 
 python eval/bench_deploy.py --ckpt runs/dfa_s/student.pt [--pruned a.pt,b.pt | --prune heads:0.5,mlp:0.5]
-    [--calib-shards CACHE] [--num-images 8] [--repeats 5] [--out runs/bench_deploy.json]
+    [--calib-shards CACHE] [--num-images 8] [--repeats 5] [--threads N] [--out runs/bench_deploy.json]
 
 Variants of the encoder, each fed the same preprocessed generated images (``eval.synthetic``):
 
@@ -15,7 +15,7 @@ Variants of the encoder, each fed the same preprocessed generated images (``eval
   ``--prune target:ratio``, the student pruned here without re-distillation.
 
 Per variant: median batch-1 latency over ``--repeats`` interleaved runs and its ratio to
-``fp32_torch`` (onnxruntime gets as many threads as torch), model bytes (ONNX file; serialized
+``fp32_torch`` (onnxruntime gets as many threads as torch, not spinning between runs), model bytes (ONNX file; serialized
 state dict for PyTorch), embedding cosine and relative L2 error to the fp32 student's embedding
 (mean over images), and box agreement: GT boxes of the generated images decoded by the student's
 SAM decoder from each variant's embedding (multimask, best predicted IoU kept, as in
@@ -82,6 +82,8 @@ def onnx_encode(path: Path) -> Encode:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # Idle onnxruntime threads spin by default and would slow the interleaved PyTorch runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda images: session.run(None, {"image": images.numpy().astype(np.float32)})[0]
 
@@ -215,6 +217,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=8, help="generated images scored")
     p.add_argument("--seed", type=int, default=11, help="seed of the scored images")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads of torch and onnxruntime (default torch's)",
+    )
     p.add_argument("--out", default="runs/bench_deploy.json", help="JSON file of every figure")
     args = p.parse_args(argv)
     for path in [args.ckpt, *args.pruned]:
@@ -227,6 +235,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sam = load_sam(args.ckpt)
     size = sam.image_encoder.img_size
     with tempfile.TemporaryDirectory() as tmp:
