@@ -5,9 +5,9 @@ EdgeSAM's prompt-in-the-loop distillation (`reference/peer_pipelines.md` section
 trick that fits a feature cache: the teacher's prompt encoder and mask decoder run on the
 *cached* teacher embedding, so phase 2 never runs the teacher's image encoder. Per image, up to
 `--max-prompts` prompts come from the annotations the cache carries (`distill.prompting`); the
-target is the teacher's single-mask output, binarised at logit 0; the loss is BCE + Dice on the
-low-resolution logits over the unpadded region (`distill.losses.bce_dice_loss`), averaged over
-prompts and over the `--decode-iters` refinement rounds that follow the first decoding. An image
+target is the teacher's single-mask output on the low-resolution logits over the unpadded
+region: its probabilities under BCE (`--mask-target soft`, the default), or its mask binarised at
+logit 0 under BCE + Dice (`hard`, EdgeSAM's), averaged over prompts and over the `--decode-iters` refinement rounds that follow the first decoding. An image
 without a usable annotation adds no mask loss; the data streams count it (`num_unprompted` in
 log.csv). The phase-1 feature loss can stay beside it with `--feature-weight`.
 
@@ -23,7 +23,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from distill.config import DistillConfig
-from distill.losses import bce_dice_loss
+from distill.losses import bce_dice_loss, soft_bce_loss
 from distill.prompting import BOX, LOW_RES_STRIDE, POINT, decode, refine_clicks
 from teachers.preprocess import valid_mask
 
@@ -98,10 +98,15 @@ class AlignLoss:
         for r in range(rounds):
             points = (coords, labels) if coords.shape[1] else None
             with torch.no_grad():
-                goal = decode(*target, boxes, points) > 0
+                teacher_logits = decode(*target, boxes, points)
+            goal = teacher_logits > 0
             logits = decode(*student, boxes, points)
             region = valid.expand_as(logits).float()
-            total = total + bce_dice_loss(logits, goal.float(), region) * num
+            if self.cfg.mask_target == "soft":
+                loss = soft_bce_loss(logits, torch.sigmoid(teacher_logits), region)
+            else:
+                loss = bce_dice_loss(logits, goal.float(), region)
+            total = total + loss * num
             if r + 1 < rounds:
                 xy, lab = refine_clicks(logits[:, 0].detach() > 0, goal[:, 0], valid, generator)
                 coords = torch.cat([coords, xy[:, None].to(device)], 1)

@@ -165,6 +165,10 @@ class DistillConfig(TrainConfig):
     decode_iters: int = 0
     """--phase decoder: refinement clicks per prompt, each sampled where the student's and the
     teacher's masks disagree, every one adding a decoding round to the loss."""
+    mask_target: str = field(default="soft", metadata={"choices": ("soft", "hard")})
+    """--phase decoder: soft: BCE to the teacher's mask probabilities (least where the student's
+    logits equal the teacher's); hard: BCE + Dice to the teacher's masks binarised at 0
+    (EdgeSAM's), which asks for confident masks even where the teacher is unsure."""
     feature_weight: float = 0.0
     """--phase decoder: weight of phase 1's feature loss (with its DLD weights) beside the mask
     loss; 0 drops it."""

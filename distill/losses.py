@@ -110,4 +110,11 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     return (bce + dice).mean()
 
 
+def soft_bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """BCE to soft targets (probabilities) over the valid pixels, [B, 1, H, W] each; mean over B.
+    Least where sigmoid(logits) equals the target."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return _masked_mean(bce, valid).mean()
+
+
 MASK_LOSSES = {"structure": structure_loss, "bce_dice": bce_dice_loss}

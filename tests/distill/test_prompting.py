@@ -131,7 +131,9 @@ def test_targets_from_the_cached_embedding_equal_sam_predictor_with_the_teacher(
 
 def test_a_micro_batch_without_prompts_gives_zero_mask_loss_that_still_has_a_graph():
     teacher = random_vit_tiny(0)
-    cfg = SimpleNamespace(seed=0, img_size=256, decode_iters=1, feature_weight=0.0)
+    cfg = SimpleNamespace(
+        seed=0, img_size=256, decode_iters=1, feature_weight=0.0, mask_target="soft"
+    )
     loss = AlignLoss(cfg, teacher)
     model = SimpleNamespace(
         prompt_encoder=teacher.prompt_encoder, mask_decoder=teacher.mask_decoder
@@ -152,6 +154,33 @@ def test_a_micro_batch_without_prompts_gives_zero_mask_loss_that_still_has_a_gra
     value = loss.mask_loss(model, embed, batch, 0)
     value.backward()
     assert value.item() > 0 and embed.grad[1].abs().sum() > 0 and embed.grad[0].abs().sum() == 0
+
+
+def test_soft_targets_are_met_by_the_teachers_own_embedding_hard_ones_are_not():
+    """At the teacher's embedding, the soft loss is at its least (no gradient); the hard loss
+    still pushes, towards masks more confident than the teacher's (a random teacher's logits
+    are all near 0)."""
+    teacher = random_vit_tiny(0)
+    batch = {
+        "keys": ["a"],
+        "input_hw": torch.tensor([[256, 192]]),
+        "prompt_kind": torch.tensor([[BOX, BOX]]),
+        "prompt_box": torch.tensor([[[10.0, 20.0, 120.0, 150.0], [60.0, 40.0, 180.0, 100.0]]]),
+        "prompt_point": torch.zeros(1, 2, 2),
+        "embed": torch.randn(1, 256, 16, 16, generator=torch.Generator().manual_seed(0)),
+    }
+    model = SimpleNamespace(
+        prompt_encoder=teacher.prompt_encoder, mask_decoder=teacher.mask_decoder
+    )
+    grads = {}
+    for target in ("soft", "hard"):
+        cfg = SimpleNamespace(
+            seed=0, img_size=256, decode_iters=0, feature_weight=0.0, mask_target=target
+        )
+        embed = batch["embed"].clone().requires_grad_(True)
+        AlignLoss(cfg, teacher).mask_loss(model, embed, batch, 0).backward()
+        grads[target] = embed.grad.norm().item()
+    assert grads["soft"] < 1e-5 * grads["hard"] and grads["hard"] > 1e-4
 
 
 @pytest.mark.parametrize(

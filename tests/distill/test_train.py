@@ -349,3 +349,64 @@ def test_sigusr1_to_one_of_two_deepspeed_ranks_stops_both_at_the_same_step(cache
     _run(*args, "--out", str(out), "--resume", "auto", launcher="deepspeed")
     _run(*args, "--out", str(tmp_path / "straight"), launcher="deepspeed")
     _assert_same_run(out, tmp_path / "straight")
+
+
+@pytest.fixture(scope="module")
+def phase_one(cache, tmp_path_factory):
+    """A phase-1 dfa_t student (6 steps) for phase 2 to start from."""
+    out = tmp_path_factory.mktemp("phase1") / "run"
+    _run("--shards", str(cache), "--out", str(out), "--steps", "6", "--batch-size", "4", *BASE)
+    return out / "student.pt"
+
+
+def _phase_two(cache, phase_one, steps):
+    """Phase 2 with the decoder training too and a refinement round, so the checkpoint must
+    carry the student's decoder and the clicks must replay."""
+    return ["--shards", str(cache), "--steps", str(steps), "--batch-size", "4", *BASE] + [
+        "--phase", "decoder", "--init", str(phase_one), "--tune", "both", "--max-prompts", "2",
+        "--decode-iters", "1", "--lr", "1e-3", "--student", "dfa_t",
+    ]  # fmt: skip
+
+
+def _full_model(out):
+    sam = load_sam(out / "student.pt")
+    return {**sam.image_encoder.state_dict(), **sam.mask_decoder.state_dict(prefix="decoder.")}
+
+
+def test_phase_two_sigkill_then_resume_auto_ends_like_an_uninterrupted_run(
+    cache, phase_one, tmp_path
+):
+    args = [*_phase_two(cache, phase_one, 8), "--checkpoint-every", "4"]
+    killer = killer_script("launch/distill.py", kill_at=6)
+    killed = _run(*args, "--out", str(tmp_path / "killed"), script=killer, check=False)
+    assert killed.returncode == -9
+    resumed = _run(*args, "--out", str(tmp_path / "killed"), "--resume", "auto")
+    assert "at step 4" in resumed.stdout
+    _run(*args, "--out", str(tmp_path / "straight"))
+    a, b = _full_model(tmp_path / "killed"), _full_model(tmp_path / "straight")
+    assert read_export_meta(tmp_path / "straight" / "student.pt")["mask_decoder"] == "student"
+    initial = load_sam(phase_one).mask_decoder.state_dict(prefix="decoder.")
+    assert any(not torch.equal(b[k], initial[k]) for k in initial)  # the decoder trained
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    killed_log, straight_log = _log(tmp_path / "killed"), _log(tmp_path / "straight")
+    assert [int(r["step"]) for r in killed_log] == list(range(1, 9))
+    for column in ("loss_total", "loss_mask"):
+        np.testing.assert_allclose(
+            [float(r[column]) for r in killed_log],
+            [float(r[column]) for r in straight_log],
+            rtol=1e-5,
+        )
+    assert [r["num_unprompted"] for r in killed_log] == [r["num_unprompted"] for r in straight_log]
+
+
+def test_phase_two_one_and_two_processes_give_the_same_losses(cache, phase_one, tmp_path):
+    args = [*_phase_two(cache, phase_one, 4), "--micro-batch-size", "2"]
+    _run(*args, "--out", str(tmp_path / "one"))
+    _run(*args, "--out", str(tmp_path / "two"), launcher="deepspeed")
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    for column in ("loss_total", "loss_mask"):
+        a = np.array([float(r[column]) for r in one])
+        b = np.array([float(r[column]) for r in two])
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert np.isfinite(a).all() and a.min() > 0
