@@ -4,7 +4,8 @@
 
 Stages: a generated COCO-format dataset, the teacher-feature cache (written, read back and
 verified), distillation with `deepspeed` on 2 CPU processes, COCO-protocol evaluation of the
-student against the teacher (with overlays), adaptation of the student to a generated
+student against the teacher (with overlays), phase-2 decoder alignment from that student and its
+teacher agreement on the same prompts, adaptation of the student to a generated
 camouflage domain (CAD, scored with eval/masks.py against the un-adapted student), and the speed
 table.
 """
@@ -85,26 +86,31 @@ def run_script(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-def evaluate(out: Path) -> dict:
-    """The student on the generated COCO set, with the teacher beside it (agreement, overlays)."""
+def evaluate(out: Path, ckpt: Path, name: str, vis: bool = True) -> dict:
+    """A student on the generated COCO set, with the teacher beside it (agreement, and overlays
+    when `vis`); the figures, also in OUT/<name>.json."""
     teacher_ckpt = out / "vit_tiny_random.pth"
-    torch.save(random_vit_tiny().state_dict(), teacher_ckpt)
-    run_script(
-        "eval/coco.py",
-        "--ckpt",
-        str(out / "run" / "student.pt"),
-        "--coco-root",
-        str(out / "coco"),
-        "--compare-ckpt",
-        str(teacher_ckpt),
-        "--out",
-        str(out / "eval.json"),
-        "--vis",
-        str(out / "overlays"),
-        "--device",
-        "cpu",
-    )
-    return json.loads((out / "eval.json").read_text())
+    if not teacher_ckpt.exists():
+        torch.save(random_vit_tiny().state_dict(), teacher_ckpt)
+    cmd = ["eval/coco.py", "--ckpt", str(ckpt), "--coco-root", str(out / "coco")]
+    cmd += ["--compare-ckpt", str(teacher_ckpt), "--out", str(out / f"{name}.json")]
+    cmd += ["--device", "cpu"] + (["--vis", str(out / "overlays")] if vis else [])
+    run_script(*cmd)
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def phase_two(out: Path, steps: int) -> dict:
+    """Phase 2 (decoder alignment, experimental) from the distilled student on the same cache,
+    one process; its figures on the same images and box prompts as the phase-1 student."""
+    run = out / "phase2"
+    cmd = ["launch/distill.py", "--phase", "decoder", "--init", str(out / "run" / "student.pt")]
+    cmd += ["--shards", str(out / "cache"), "--out", str(run), "--steps", str(steps)]
+    cmd += ["--batch-size", "4", "--lr", "3e-4", "--max-prompts", "8", "--engine", "torch"]
+    cmd += ["--workers", "0", "--log-every", "10", "--no-progress", "--device", "cpu"]
+    cmd += ["--checkpoint-every", "1000"]
+    cmd += ["--resume", "auto"] if (run / "checkpoints" / "latest").exists() else []
+    run_script(*cmd)
+    return evaluate(out, run / "student.pt", "eval_phase2", vis=False)
 
 
 def cache_stage(out: Path) -> tuple[dict, object, int, str]:
@@ -188,6 +194,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=16, help="generated images (default 16)")
     p.add_argument("--steps", type=int, default=60, help="distillation steps (default 60)")
     p.add_argument("--processes", type=int, default=2, help="distillation processes (default 2)")
+    p.add_argument(
+        "--phase2-steps", type=int, default=20, help="phase-2 alignment steps (default 20)"
+    )
     p.add_argument("--adapt-steps", type=int, default=60, help="adaptation steps (default 60)")
     p.add_argument(
         "--speed-models",
@@ -213,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     log = distill(out, args.steps, args.processes)
 
     banner("4. COCO-protocol evaluation (box prompts), student against teacher")
-    figures = evaluate(out)
+    figures = evaluate(out, out / "run" / "student.pt", "eval")
+
+    banner("4b. phase 2: decoder alignment from the student (experimental), same prompts")
+    aligned = phase_two(out, args.phase2_steps)
 
     banner("5. adaptation to a generated camouflage domain (CAD on the frozen student)")
     adapted = adapt(out, args.adapt_steps)
@@ -235,11 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     banner("summary")
     stages = dict(manifest=manifest, report=report, num_bytes=num_bytes, shapes=shapes, log=log)
     rows = summary(out, args, stages, figures, adapted, speed)
+    rows.insert(-2, ("phase 2", phase_two_line(out, args, figures, aligned)))
     rows.append(("time", f"{time.time() - start:.1f} s"))
     for name, value in rows:
         print(f"{name:>20}  {value}")
     print(NEXT_STEPS)
     return 0 if report.ok else 1
+
+
+def phase_two_line(out: Path, args, figures: dict, aligned: dict) -> str:
+    """The summary's phase-2 row: teacher agreement before and after, on the same prompts."""
+    before = figures["compare"]["agreement"]["miou"]["all"]
+    after = aligned["compare"]["agreement"]["miou"]["all"]
+    return (
+        f"teacher agreement {before:.1f} (phase 1) -> {after:.1f} mIoU after {args.phase2_steps} "
+        f"phase-2 steps, same {figures['num_instances']} box prompts (experimental: no gain "
+        f"over more phase-1 training is established; {out / 'eval_phase2.json'})"
+    )
 
 
 def summary(out, args, stages: dict, figures: dict, adapted: dict, speed: dict) -> list:

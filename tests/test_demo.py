@@ -45,6 +45,17 @@ def test_demo_runs(tmp_path):
         "teacher agreement" in result.stdout
         and len(list((tmp_path / "overlays").glob("*.png"))) == 8
     )
+    # Phase 2 from the distilled student, scored on the same images and box prompts.
+    assert "phase 2  teacher agreement" in result.stdout
+    phase1 = json.loads((tmp_path / "eval.json").read_text())
+    phase2 = json.loads((tmp_path / "eval_phase2.json").read_text())
+    assert phase2["num_instances"] == phase1["num_instances"] > 0
+    assert phase2["compare"]["agreement"]["miou"]["all"] > 0
+    assert (
+        phase2["compare"]["agreement"]["miou"]["all"]
+        != phase1["compare"]["agreement"]["miou"]["all"]
+    )
+    assert (tmp_path / "phase2" / "student.pt").exists()
     assert "| dfa_s | 1024 |" in result.stdout
     # The adapt stage: CAD on the distilled student, scored beside the un-adapted one.
     assert "adaptation  CAD on the frozen student: val IoU" in result.stdout
