@@ -1,6 +1,7 @@
 """The distillation entry point, run for real (subprocesses, DeepSpeed on CPU with gloo)."""
 
 import csv
+import json
 import re
 import shutil
 import signal
@@ -410,3 +411,24 @@ def test_phase_two_one_and_two_processes_give_the_same_losses(cache, phase_one, 
         b = np.array([float(r[column]) for r in two])
         np.testing.assert_allclose(a, b, rtol=1e-5)
     assert np.isfinite(a).all() and a.min() > 0
+
+
+def test_phase_two_counts_images_without_annotations_and_trains_on_the_rest(phase_one, tmp_path):
+    """The documented rule: an image without a usable annotation adds no mask loss and is
+    counted in log.csv (`num_unprompted`, cumulative)."""
+    coco = tmp_path / "coco"
+    make_coco(coco, num_images=4, seed=3)
+    ann_file = coco / "annotations" / "instances_val2017.json"
+    data = json.loads(ann_file.read_text())
+    bare = data["images"][0]["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != bare]
+    ann_file.write_text(json.dumps(data))
+    teacher = load_teacher("vit_tiny", taps=(1, 3))
+    write_cache(teacher, plan_cache(str(coco), 4), tmp_path / "cache", progress=False)
+    args = ["--shards", str(tmp_path / "cache"), "--steps", "2", "--batch-size", "4", *BASE]
+    args += ["--phase", "decoder", "--init", str(phase_one), "--max-prompts", "2"]
+    _run(*args, "--out", str(tmp_path / "run"))
+    rows = _log(tmp_path / "run")
+    # Two passes over the 4 images (one step each): the bare image twice, the rest trained on.
+    assert [int(r["num_unprompted"]) for r in rows] == [1, 2]
+    assert all(float(r["loss_mask"]) > 0 for r in rows)
