@@ -25,7 +25,11 @@ sys.path.insert(0, str(_here.parent))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+
+from students.prune import CRITERIA, TARGETS  # noqa: E402
+from students.quant import INT8_MODES, KEEP_FP32  # noqa: E402
+from teachers.flags import add_config_flags  # noqa: E402
 
 ONNX_TOLERANCE = 1e-4  # fp32 onnxruntime vs PyTorch, max absolute difference
 
@@ -34,11 +38,11 @@ ONNX_TOLERANCE = 1e-4  # fp32 onnxruntime vs PyTorch, max absolute difference
 class ExportConfig:
     """One export (or one pruning) of a student.pt."""
 
-    ckpt: str
+    ckpt: str = ""
     """The student.pt to export."""
-    out: str
+    out: str = ""
     """Output folder."""
-    int8: str | None = None
+    int8: str | None = field(default=None, metadata={"choices": INT8_MODES})
     """Also write an int8 encoder: dynamic (no data) or static (calibrated on --calib-shards)."""
     calib_shards: str | None = None
     """Teacher cache (folder or shard glob) whose images calibrate --int8 static and score
@@ -49,21 +53,21 @@ class ExportConfig:
     """Encoder batch sizes, one ONNX file each."""
     decoder: bool = False
     """Also write the prompt encoder + mask decoder ONNX and predict.py."""
-    keep_fp32: tuple[str, ...] = ("/patch_embed/",)
+    keep_fp32: tuple[str, ...] = KEEP_FP32
     """int8: prefixes of ONNX node names left in fp32."""
-    prune: str | None = None
+    prune: str | None = field(default=None, metadata={"choices": TARGETS})
     """heads or mlp: prune instead of exporting; writes OUT/pruned.pt."""
     ratio: float = 0.5
     """--prune: fraction of the heads (of every block's MLP hidden units) removed."""
-    criterion: str = "activation"
+    criterion: str = field(default="activation", metadata={"choices": CRITERIA})
     """--prune: activation (needs --calib-shards) or weight scores."""
     opset: int = 17
     """ONNX opset."""
 
     def __post_init__(self) -> None:
-        from students.prune import CRITERIA, TARGETS
-        from students.quant import INT8_MODES
-
+        for flag, value in (("--ckpt", self.ckpt), ("--out", self.out)):
+            if not value:
+                raise ValueError(f"{flag} is required")
         if not Path(self.ckpt).is_file():
             raise ValueError(f"--ckpt {self.ckpt}: no such file")
         if self.int8 is not None and self.int8 not in INT8_MODES:
@@ -172,31 +176,11 @@ def export(cfg: ExportConfig) -> dict:
     }
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v)
-
-
 def parse(argv: list[str] | None) -> ExportConfig:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--ckpt", required=True, help="student.pt to export")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--int8", choices=("dynamic", "static"), help="also an int8 encoder")
-    p.add_argument("--calib-shards", help="teacher cache: calibration / pruning images")
-    p.add_argument("--num-calib", type=int, default=8, help="cached images read (default 8)")
-    p.add_argument("--batch-sizes", type=_ints, default=(1,), help="e.g. 1,4 (default 1)")
-    p.add_argument("--decoder", action="store_true", help="also the decoder ONNX + predict.py")
-    p.add_argument(
-        "--keep-fp32",
-        type=lambda t: tuple(v for v in t.split(",") if v),
-        default=("/patch_embed/",),
-        help="int8: ONNX node-name prefixes left fp32 (default /patch_embed/)",
-    )
-    p.add_argument("--prune", choices=("heads", "mlp"), help="prune instead: writes pruned.pt")
-    p.add_argument("--ratio", type=float, default=0.5, help="--prune: fraction removed")
-    p.add_argument("--criterion", default="activation", choices=("activation", "weight"))
-    p.add_argument("--opset", type=int, default=17)
+    add_config_flags(p, ExportConfig)
     args = p.parse_args(argv)
     try:
         return ExportConfig(**vars(args))

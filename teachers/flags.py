@@ -35,6 +35,11 @@ def ints(text: str) -> tuple[int, ...]:
         ) from err
 
 
+def strs(text: str) -> tuple[str, ...]:
+    """'a,b' -> ("a", "b"); '' -> ()."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """{field: docstring}: the string literal after each annotated field, subclasses winning."""
@@ -67,7 +72,8 @@ def _show(value: object) -> str:
 
 
 def _parse_type(hint: Any) -> Callable[[str], Any]:
-    """The argparse `type` for an annotation: int, float, str, tuple[int, ...], or X | None."""
+    """The argparse `type` for an annotation: int, float, str, tuple[int, ...], tuple[str, ...],
+    or X | None."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         assert len(args) == 1, f"only `X | None` unions make flags, got {hint}"
@@ -76,6 +82,8 @@ def _parse_type(hint: Any) -> Callable[[str], Any]:
         return hint
     if typing.get_origin(hint) is tuple and typing.get_args(hint) == (int, ...):
         return ints
+    if typing.get_origin(hint) is tuple and typing.get_args(hint) == (str, ...):
+        return strs
     raise TypeError(f"no flag type for annotation {hint}")
 
 
