@@ -49,8 +49,9 @@ from eval.runner import predict_masks  # noqa: E402
 from eval.synthetic import make_coco  # noqa: E402
 from students.export import load_sam  # noqa: E402
 from students.onnx import export_onnx  # noqa: E402
-from students.prune import prune_student  # noqa: E402
+from students.prune import TARGETS, prune_student  # noqa: E402
 from students.quant import embedding_agreement, quantize_onnx, quantize_torch  # noqa: E402
+from teachers.cache_read import cache_images  # noqa: E402
 from teachers.preprocess import Preprocessed, load_image, preprocess  # noqa: E402
 
 Encode = Callable[[torch.Tensor], np.ndarray]  # [B, 3, S, S] -> [B, 256, h, w]
@@ -190,8 +191,11 @@ def _prune_specs(text: str) -> list[tuple[str, float]]:
     specs = []
     for part in (p for p in text.split(",") if p):
         target, _, ratio = part.partition(":")
-        if target not in ("heads", "mlp") or not ratio:
-            raise argparse.ArgumentTypeError(f"--prune {part!r}: give target:ratio, e.g. heads:0.5")
+        if target not in TARGETS or not ratio:
+            raise argparse.ArgumentTypeError(
+                f"--prune {part!r}: give target:ratio with target {' or '.join(TARGETS)}, "
+                "e.g. heads:0.5"
+            )
         specs.append((target, float(ratio)))
     return specs
 
@@ -243,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         items = generated_images(work / "scored", args.num_images, args.seed, size)
         if args.calib_shards:
-            from launch.export import cache_images
-
             calib = cache_images(args.calib_shards, args.num_calib, size)
         else:
             calib = torch.stack(

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 
 from students.prune import CRITERIA, TARGETS  # noqa: E402
 from students.quant import INT8_MODES, KEEP_FP32  # noqa: E402
+from teachers.cache_read import cache_images  # noqa: E402
 from teachers.flags import add_config_flags  # noqa: E402
 
 ONNX_TOLERANCE = 1e-4  # fp32 onnxruntime vs PyTorch, max absolute difference
@@ -84,29 +85,6 @@ class ExportConfig:
             raise ValueError(f"--batch-sizes {self.batch_sizes}: give positive sizes, e.g. 1,4")
         if self.num_calib < 1:
             raise ValueError(f"--num-calib must be at least 1, got {self.num_calib}")
-
-
-def cache_images(spec: str, num: int, img_size: int):
-    """[N <= num, 3, S, S] preprocessed images of a teacher cache (the pixels the teacher saw)."""
-    import torch
-
-    from teachers.cache_read import open_cache, read_cache
-    from teachers.preprocess import decode_image, preprocess
-
-    info = open_cache(spec)
-    if info.img_size != img_size:
-        raise ValueError(
-            f"--calib-shards {spec}: the cache holds {info.img_size} px images, the student "
-            f"runs at {img_size}"
-        )
-    images = []
-    for sample in read_cache(info.folder, allow_incomplete=True):
-        images.append(preprocess(decode_image(sample.image, sample.key), img_size).image)
-        if len(images) == num:
-            break
-    if not images:
-        raise ValueError(f"--calib-shards {spec}: the cache holds no samples")
-    return torch.stack(images)
 
 
 def prune(cfg: ExportConfig) -> dict:

@@ -227,6 +227,26 @@ def read_cache(
         yield decode_sample(raw)
 
 
+def cache_images(spec: str, num: int, img_size: int, flag: str = "--calib-shards") -> torch.Tensor:
+    """The first `num` (or fewer) images of a teacher cache (folder or shard glob), preprocessed
+    as the teacher saw them: [N, 3, S, S], e.g. to calibrate int8 or score pruning on data the
+    cache already holds. Errors name `flag`."""
+    info = open_cache(spec)
+    if info.img_size != img_size:
+        raise ValueError(
+            f"{flag} {spec}: the cache holds {info.img_size} px images, the student runs at "
+            f"{img_size}"
+        )
+    images = []
+    for sample in read_cache(info.folder, allow_incomplete=True):
+        images.append(preprocess(decode_image(sample.image, sample.key), img_size).image)
+        if len(images) == num:
+            break
+    if not images:
+        raise ValueError(f"{flag} {spec}: the cache holds no samples")
+    return torch.stack(images)
+
+
 @dataclass
 class VerifyReport:
     bad_shards: dict[str, str] = field(default_factory=dict)  # shard name -> reason
