@@ -24,7 +24,7 @@ def _check_at_least(cfg: object, name: str, least: float) -> None:
     """A numeric field that must be `least` or more (None: unset)."""
     value = getattr(cfg, name)
     if value is not None and value < least:
-        hint = " (0 disables it)" if name in ("grad_clip", "feature_weight") else ""
+        hint = " (0 disables it)" if name == "grad_clip" else ""
         raise ValueError(f"--{name.replace('_', '-')} must be {least} or more{hint}, got {value}")
 
 
@@ -226,10 +226,8 @@ class DistillConfig(TrainConfig):
                 )
             if self.max_prompts < 1:
                 raise ValueError(f"--max-prompts must be at least 1, got {self.max_prompts}")
-            if self.decode_iters < 0:
-                raise ValueError(f"--decode-iters must be 0 or more, got {self.decode_iters}")
-            if self.feature_weight < 0:
-                raise ValueError(f"--feature-weight must be 0 or more, got {self.feature_weight}")
+            _check_at_least(self, "decode_iters", 0)
+            _check_at_least(self, "feature_weight", 0)
             if self.tune == "decoder" and self.feature_weight > 0:
                 raise ValueError(
                     "--feature-weight trains the encoder: it needs --tune encoder or both"

@@ -83,8 +83,12 @@ def _check_codec(manifest: dict, want: str) -> str | None:
 
 
 # The training flags that state a cache fact (distill.config.DistillConfig).
-FACT_FLAGS = {"teacher": "--teacher", "taps": "--teacher-taps", "img_size": "--img-size"}
-FACT_FLAGS["codec"] = "--codec"
+FACT_FLAGS = {
+    "teacher": "--teacher",
+    "taps": "--teacher-taps",
+    "img_size": "--img-size",
+    "codec": "--codec",
+}
 
 
 def check_manifest(manifest: dict, source: str = "cache", **expected: object) -> None:

@@ -191,7 +191,7 @@ def stored_nbytes(shape: Sequence[int], codec: str, channel_axis: int) -> int:
     _check_codec(codec)
     axis = _normalize_axis(channel_axis, len(shape))
     numel = math.prod(shape)
-    nbytes = numel * sum(d.itemsize for n, d in _FIELDS[codec].items() if n == "q")
+    nbytes = numel * _FIELDS[codec]["q"].itemsize
     if codec == "int8":
         nbytes += numel // shape[axis] * _FIELDS[codec]["scale"].itemsize
     return nbytes
