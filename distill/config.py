@@ -149,6 +149,9 @@ class DistillConfig(TrainConfig):
     student: str | None = None
     """Student registry name (see `students.list_students()`); default dfa_s, or the --init
     file's student (a different name with --init is refused)."""
+    student_options: str = ""
+    """Builder options of --student as key=number pairs, e.g. "embed_dim=64" for a narrower
+    dfa_t (see students/encoder.py); recorded in student.pt, which rebuilds from them."""
     init: str | None = None
     """A student.pt to start from (a phase-1 student for --phase decoder, or a pruned student):
     the student's architecture and image-encoder weights come from it, the tap projections
@@ -219,6 +222,11 @@ class DistillConfig(TrainConfig):
             raise ValueError(
                 f"--img-size must be a positive multiple of 16 (the patch size), got {self.img_size}"
             )
+        if self.student_options and self.init is not None:
+            raise ValueError(
+                "--student-options with --init: the architecture comes from the --init file"
+            )
+        self.student_kwargs()  # named errors now, not at step 0
         if self.phase == "decoder":
             if self.init is None:
                 raise ValueError(
@@ -234,6 +242,10 @@ class DistillConfig(TrainConfig):
                 )
         elif self.tune != "encoder":
             raise ValueError(f"--tune {self.tune} needs --phase decoder")
+
+    def student_kwargs(self) -> dict[str, int | float]:
+        """--student-options parsed."""
+        return parse_number_options(self.student_options, "--student-options", "embed_dim=64")
 
 
 ADAPT_METHODS = ("conv_lora", "lora", "cad", "sam_adapter", "meta", "decoder")  # students.adapters
@@ -296,21 +308,27 @@ class AdaptConfig(TrainConfig):
 
     def adapter_kwargs(self) -> dict[str, int | float]:
         """--options parsed: "width=64,scale=0.2" -> {"width": 64, "scale": 0.2}."""
-        kwargs: dict[str, int | float] = {}
-        for item in filter(None, (t.strip() for t in self.options.split(","))):
-            key, sep, value = item.partition("=")
-            try:
-                if not sep or not key.strip():
-                    raise ValueError
-                number = float(value)
-                kwargs[key.strip()] = (
-                    int(number) if number.is_integer() and "." not in value else number
-                )
-            except ValueError:
-                raise ValueError(
-                    f"--options {self.options!r}: {item!r} is not key=number (e.g. width=64)"
-                ) from None
-        return kwargs
+        return parse_number_options(self.options, "--options", "width=64")
+
+
+def parse_number_options(text: str, flag: str, example: str) -> dict[str, int | float]:
+    """Comma-separated key=number pairs: "width=64,scale=0.2" -> {"width": 64, "scale": 0.2}; an
+    item that is not one names `flag` and shows `example`."""
+    kwargs: dict[str, int | float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            number = float(value)
+            kwargs[key.strip()] = (
+                int(number) if number.is_integer() and "." not in value else number
+            )
+        except ValueError:
+            raise ValueError(
+                f"{flag} {text!r}: {item!r} is not key=number (e.g. {example})"
+            ) from None
+    return kwargs
 
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:

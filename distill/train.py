@@ -164,7 +164,12 @@ def build_model(
     projections; for phase 2 with the init's prompt encoder and mask decoder."""
     torch.manual_seed(cfg.seed)
     if init is None:
-        student = build_student(cfg.student, img_size=cfg.img_size)
+        try:
+            student = build_student(cfg.student, img_size=cfg.img_size, **cfg.student_kwargs())
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"--student {cfg.student} --student-options {cfg.student_options!r}: {e}"
+            ) from None
     else:
         student = init.image_encoder.train()
     width, depth = TEACHER_SIZES[teacher]

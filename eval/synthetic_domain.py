@@ -148,3 +148,45 @@ def make_domain(
     )
     (root / "domain.json").write_text(json.dumps(params, indent=1))
     return root
+
+
+def domain_as_coco(root: str | Path, split: str, out: str | Path) -> Path:
+    """Write split `split` of the domain at `root` as a COCO-format dataset under `out` (images in
+    out/val2017, out/annotations/instances_val2017.json): one instance per image, its mask as RLE,
+    its box the mask's tight box, one category "object". Images are copied unchanged. Returns the
+    json path, which `teachers.cache.plan_cache` and `eval/coco.py` read like COCO's."""
+    from pycocotools import mask as mask_utils
+
+    src, out = Path(root) / split, Path(out)
+    names = sorted(p.name for p in (src / "images").iterdir())
+    if not names:
+        raise ValueError(f"{src / 'images'}: no images")
+    (out / "val2017").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i, name in enumerate(names, start=1):
+        mask_path = src / "masks" / (Path(name).stem + ".png")
+        mask = np.asarray(Image.open(mask_path)) > 0
+        (out / "val2017" / name).write_bytes((src / "images" / name).read_bytes())
+        h, w = mask.shape
+        images.append({"id": i, "file_name": name, "height": h, "width": w})
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        box = [float(v) for v in mask_utils.toBbox(rle)]
+        rle["counts"] = rle["counts"].decode("ascii")
+        annotations.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1,
+                "bbox": box,
+                "area": float(mask.sum()),
+                "iscrowd": 0,
+                "segmentation": rle,
+            }
+        )
+    path = out / "annotations" / "instances_val2017.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    categories = [{"id": 1, "name": "object", "supercategory": "object"}]
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return path

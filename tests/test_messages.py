@@ -146,6 +146,14 @@ DISTILL = [
         ["--phase", "decoder", "--init", "s.pt", "--feature-weight", "-1"],
         "--feature-weight must be 0 or more, got -1.0",
     ),
+    (
+        ["--student-options", "embed_dim"],
+        "--student-options 'embed_dim': 'embed_dim' is not key=number (e.g. embed_dim=64)",
+    ),
+    (
+        ["--student-options", "embed_dim=64", "--init", "s.pt"],
+        "--student-options with --init: the architecture comes from the --init file",
+    ),
 ]
 
 

@@ -117,6 +117,27 @@ def test_end_to_end_loss_falls_and_student_runs_in_sam_predictor(cache, tmp_path
     assert masks.shape == (3, 90, 120) and np.isfinite(scores).all()
 
 
+def test_student_options_build_a_narrower_student_that_student_pt_rebuilds(cache, tmp_path):
+    out = tmp_path / "run"
+    args = ["--shards", str(cache), "--out", str(out), "--steps", "2", "--batch-size", "2"]
+    _run(*args, *BASE, "--student-options", "embed_dim=64,mlp_ratio=1.5")
+    sam = load_sam(out / "student.pt")
+    assert sam.image_encoder.student_kwargs == {"img_size": 256, "embed_dim": 64, "mlp_ratio": 1.5}
+    assert sam.image_encoder.blocks[0].mlp.lin1.weight.shape == (96, 64)  # width 64, hidden 1.5x
+    bad = _run(
+        *args[:3],
+        str(tmp_path / "bad"),
+        *args[4:],
+        *BASE,
+        "--student-options",
+        "depht=4",
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "--student dfa_t --student-options 'depht=4': " in bad.stderr
+    assert "unexpected keyword argument 'depht'" in bad.stderr
+
+
 def test_one_and_two_ranks_give_the_same_loss_trajectory(cache, tmp_path):
     args = [
         "--shards",

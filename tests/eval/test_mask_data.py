@@ -27,7 +27,7 @@ from eval.mask_data import (
     mask_box,
 )
 from eval.prompts import box_xyxy
-from eval.synthetic_domain import domain_sample, make_domain
+from eval.synthetic_domain import domain_as_coco, domain_sample, make_domain
 
 
 def _disc(h: int, w: int) -> np.ndarray:
@@ -277,3 +277,28 @@ def test_coco_instances_are_a_second_source(tmp_path):
         assert image.shape[:2] == mask.shape and pair.name.endswith(f"_ann{ann['id']}")
     with pytest.raises(ValueError, match="crowd region"):
         list_pairs(tmp_path, "train")
+
+
+def test_domain_as_coco_is_one_exact_instance_per_image(tmp_path: Path) -> None:
+    from pycocotools.coco import COCO
+
+    make_domain(tmp_path / "d", num_train=3, num_val=1, seed=4, size=64)
+    path = domain_as_coco(tmp_path / "d", "train", tmp_path / "coco")
+    coco = COCO(str(path))
+    assert sorted(coco.getImgIds()) == [1, 2, 3] and len(coco.getAnnIds()) == 3
+    for image in coco.loadImgs(coco.getImgIds()):
+        name = image["file_name"]
+        src = tmp_path / "d" / "train"
+        assert (tmp_path / "coco" / "val2017" / name).read_bytes() == (
+            src / "images" / name
+        ).read_bytes()
+        (ann,) = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        truth = np.asarray(Image.open(src / "masks" / name)) > 0
+        assert (image["height"], image["width"]) == truth.shape
+        assert np.array_equal(coco.annToMask(ann).astype(bool), truth)
+        ys, xs = np.nonzero(truth)
+        x0, y0 = xs.min(), ys.min()
+        assert ann["bbox"] == [x0, y0, xs.max() + 1 - x0, ys.max() + 1 - y0]
+        assert ann["area"] == truth.sum() and ann["iscrowd"] == 0
+    with pytest.raises(FileNotFoundError):
+        domain_as_coco(tmp_path / "d", "test", tmp_path / "none")
