@@ -138,6 +138,7 @@ def measure(
     seed: int = 0,
 ) -> dict:
     """The whole benchmark (stages already done under `out` are reused); the gain.json dict."""
+    setup = {k: v for k, v in locals().items() if k != "out"}
     out.mkdir(parents=True, exist_ok=True)
     teacher = make_teacher(out, teacher_steps, seed + 10)
     if not (out / "cache" / "manifest.json").exists():
@@ -156,17 +157,7 @@ def measure(
             out, "phase1_long", phase1_steps + extra_steps, batch_size, [*STUDENT, "--lr", "2e-3"]
         ),
     }
-    result = {
-        "setup": dict(
-            train_images=train_images,
-            held_images=held_images,
-            teacher_steps=teacher_steps,
-            phase1_steps=phase1_steps,
-            extra_steps=extra_steps,
-            batch_size=batch_size,
-            seed=seed,
-        )
-    }
+    result = {"setup": setup}
     for protocol in PROTOCOLS:
         scores = {k: agreements(out, s.parent.name, s, protocol) for k, s in students.items()}
         result[protocol] = {
