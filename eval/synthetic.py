@@ -237,7 +237,8 @@ def _check_sizes(num_images: int, min_side: int, max_side: int) -> None:
         raise ValueError(f"need 16 <= min_side < max_side, got {min_side} and {max_side}")
 
 
-def _write_json(path: Path, images: list, annotations: list, categories: list) -> Path:
+def write_coco_json(path: Path, images: list, annotations: list, categories: list) -> Path:
+    """A COCO-format annotation file at `path` (its folder made); returns `path`."""
     dataset = {"info": {"description": "sam-distill synthetic dataset"}, "licenses": []}
     dataset.update(images=images, annotations=annotations, categories=categories)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,7 @@ def make_coco(
             annotations.append(_annotation(inst, len(annotations) + 1, image_id))
     categories = [{"id": c, "name": n, "supercategory": s} for c, n, s, _ in CATEGORIES]
     path = Path(root) / "annotations" / f"instances_{split}.json"
-    return _write_json(path, images, annotations, categories)
+    return write_coco_json(path, images, annotations, categories)
 
 
 def _lvis_image(
@@ -336,7 +337,7 @@ def make_lvis(
             del annotations[-1]["iscrowd"]
         images.append(_lvis_image(image_id, split, pixels.shape[:2], instances, kept))
     categories = [_lvis_category(c, n, f, annotations) for c, n, _, f in CATEGORIES]
-    return _write_json(Path(lvis_root) / "lvis_v1_val.json", images, annotations, categories)
+    return write_coco_json(Path(lvis_root) / "lvis_v1_val.json", images, annotations, categories)
 
 
 def instance_masks(ann_json: str | Path) -> dict[int, np.ndarray]:

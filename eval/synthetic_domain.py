@@ -27,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
+
+from eval.mask_data import list_pairs, load_pair
+from eval.synthetic import write_coco_json
 
 # Periods (pixels per cycle) of the two textures' pass bands.
 BACKGROUND_PERIODS = (10.0, 20.0)
@@ -153,22 +157,20 @@ def make_domain(
 def domain_as_coco(root: str | Path, split: str, out: str | Path) -> Path:
     """Write split `split` of the domain at `root` as a COCO-format dataset under `out` (images in
     out/val2017, out/annotations/instances_val2017.json): one instance per image, its mask as RLE,
-    its box the mask's tight box, one category "object". Images are copied unchanged. Returns the
-    json path, which `teachers.cache.plan_cache` and `eval/coco.py` read like COCO's."""
-    from pycocotools import mask as mask_utils
-
-    src, out = Path(root) / split, Path(out)
-    names = sorted(p.name for p in (src / "images").iterdir())
-    if not names:
-        raise ValueError(f"{src / 'images'}: no images")
+    its box the mask's tight box, one category "object". Images are copied unchanged; pairs are
+    read and checked by `eval.mask_data`. Returns the json path, which
+    `teachers.cache.plan_cache` and `eval/coco.py` read like COCO's."""
+    pairs = list_pairs(root, split)
+    if not pairs:
+        raise ValueError(f"{Path(root) / split / 'images'}: no images")
+    out = Path(out)
     (out / "val2017").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for i, name in enumerate(names, start=1):
-        mask_path = src / "masks" / (Path(name).stem + ".png")
-        mask = np.asarray(Image.open(mask_path)) > 0
-        (out / "val2017" / name).write_bytes((src / "images" / name).read_bytes())
+    for i, pair in enumerate(pairs, start=1):
+        _, mask = load_pair(pair)
+        (out / "val2017" / pair.image.name).write_bytes(pair.image.read_bytes())
         h, w = mask.shape
-        images.append({"id": i, "file_name": name, "height": h, "width": w})
+        images.append({"id": i, "file_name": pair.image.name, "height": h, "width": w})
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         box = [float(v) for v in mask_utils.toBbox(rle)]
         rle["counts"] = rle["counts"].decode("ascii")
@@ -183,10 +185,6 @@ def domain_as_coco(root: str | Path, split: str, out: str | Path) -> Path:
                 "segmentation": rle,
             }
         )
-    path = out / "annotations" / "instances_val2017.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     categories = [{"id": 1, "name": "object", "supercategory": "object"}]
-    path.write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories})
-    )
-    return path
+    path = out / "annotations" / "instances_val2017.json"
+    return write_coco_json(path, images, annotations, categories)

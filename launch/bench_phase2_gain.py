@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -117,10 +118,9 @@ def paired(base: dict[int, float], new: dict[int, float]) -> dict[str, float]:
     """Mean of new - base over the instances, its standard error, the share new improved."""
     diffs = [new[k] - base[k] for k in sorted(base)]
     n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1))
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
     return {
-        "mean": mean,
+        "mean": statistics.fmean(diffs),
         "se": sd / math.sqrt(n),
         "improved": sum(d > 0 for d in diffs) / n,
         "n": n,

@@ -300,5 +300,5 @@ def test_domain_as_coco_is_one_exact_instance_per_image(tmp_path: Path) -> None:
         x0, y0 = xs.min(), ys.min()
         assert ann["bbox"] == [x0, y0, xs.max() + 1 - x0, ys.max() + 1 - y0]
         assert ann["area"] == truth.sum() and ann["iscrowd"] == 0
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match=r"mask dataset folder not found: .*d/test"):
         domain_as_coco(tmp_path / "d", "test", tmp_path / "none")
