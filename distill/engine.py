@@ -469,5 +469,21 @@ def build_engine(
     stop: StopRequest | None = None,
 ) -> Engine:
     """The engine `cfg.engine` names, training `params` of `model` with `loss_fn`."""
+    params = list(params)
+    check_contiguous(model, params)
     variant = {"deepspeed": DeepSpeedEngine, "torch": TorchEngine}[cfg.engine]
-    return variant(cfg, model, list(params), loss_fn, env, stop)
+    return variant(cfg, model, params, loss_fn, env, stop)
+
+
+def check_contiguous(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Every trainable parameter must be contiguous: DeepSpeed flattens and broadcasts them as
+    bytes and fails deep inside `initialize` on a strided view (a channels_last conv weight, a
+    transposed tie) without naming it. Names the parameter instead."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in params:
+        if p.requires_grad and not p.is_contiguous():
+            name = names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+            raise AssertionError(
+                f"trainable parameter {name} is not contiguous (strides {p.stride()}); "
+                "make it with .contiguous() or keep its module in the default memory format"
+            )

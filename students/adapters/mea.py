@@ -154,6 +154,30 @@ def _channels_first(x: Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+class NHWCConv2d(nn.Conv2d):
+    """``nn.Conv2d`` for channels-last inputs whose weight is stored contiguous.
+
+    DeepSpeed flattens every trainable parameter and cannot take a strided (channels-last) one,
+    so the weight keeps the default layout. Outside training (no gradient) the channels-last copy
+    is made once per weight version and reused, so inference runs with no layout copy per call;
+    while training, the conv kernel reorders the small weight itself.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self._inference_weight(), self.bias)
+
+    def _inference_weight(self) -> Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w
+        key = (w.data_ptr(), w._version, w.device)
+        if getattr(self, "_nhwc_key", None) != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._nhwc = w.detach().contiguous(memory_format=torch.channels_last)
+            self._nhwc_key = key
+        return self._nhwc
+
+
 class ConvFFN(nn.Module):
     """``[B, H, W, C] -> [B, H, W, C]``: ``k x k`` conv to ``hidden``, GELU, ``k x k`` conv back."""
 
@@ -163,10 +187,9 @@ class ConvFFN(nn.Module):
             raise ValueError(
                 f"the FFN needs hidden width >= 1 and an odd kernel, got {hidden}, {kernel}"
             )
-        self.fc1 = nn.Conv2d(dim, hidden, kernel, padding=kernel // 2)
+        self.fc1 = NHWCConv2d(dim, hidden, kernel, padding=kernel // 2)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, dim, kernel, padding=kernel // 2)
-        self.to(memory_format=torch.channels_last)  # as the tokens: no weight copy per call
+        self.fc2 = NHWCConv2d(hidden, dim, kernel, padding=kernel // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(_channels_first(x)))).permute(0, 2, 3, 1)
@@ -179,8 +202,7 @@ class DepthwiseConv(nn.Module):
         super().__init__()
         if kernel % 2 == 0:
             raise ValueError(f"the depth-wise branch needs an odd kernel, got {kernel}")
-        self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
-        self.to(memory_format=torch.channels_last)
+        self.conv = NHWCConv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(_channels_first(x)).permute(0, 2, 3, 1)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from distill.losses import student_taps_for
 from students.adapters.base import AdaptedEncoder, register_adapter
-from students.adapters.mea import MEABlock
+from students.adapters.mea import MEABlock, NHWCConv2d
 from teachers.build import DEFAULT_TAPS, TEACHER_SIZES
 
 EMBED_CHANS = 256  # SAM's image embedding channels
@@ -64,8 +64,8 @@ class SpatialPrior(nn.Module):
         chans = [3, max(1, width // 4), max(1, width // 2), width, width]
         layers: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:], strict=True):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GELU()]
-        self.convs = nn.Sequential(*layers[:-1]).to(memory_format=torch.channels_last)
+            layers += [NHWCConv2d(cin, cout, 3, stride=2, padding=1), nn.GELU()]
+        self.convs = nn.Sequential(*layers[:-1])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.convs(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)

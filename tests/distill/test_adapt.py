@@ -17,6 +17,7 @@ from segment_anything import SamPredictor
 
 from eval.synthetic_domain import make_domain
 from students import load_sam
+from students.adapters import list_adapters
 from students.adapters.export import read_adapted_meta
 from teachers.build import file_sha256
 from tests.conftest import REPO, killer_script, unplaced_env
@@ -233,3 +234,20 @@ def test_adapt_trains_on_coco_instances_with_gt_boxes(tiny_ckpt, tmp_path):
     result = _run(*args, "--out", str(tmp_path / "gt"), "--prompt", "gt_box")
     assert "crowd" in result.stdout and "exported" in result.stdout
     assert [int(r["step"]) for r in _log(tmp_path / "gt")] == [1, 2]
+
+
+@pytest.mark.parametrize("method", list_adapters())
+def test_every_adapter_method_trains_under_the_default_deepspeed_engine(
+    method, domain, tiny_ckpt, tmp_path
+):
+    """The default engine (DeepSpeed, one process on CPU with gloo) flattens and broadcasts every
+    trainable parameter: a strided one (META's channels_last prior once) fails there only."""
+    out = tmp_path / method
+    args = ["--ckpt", str(tiny_ckpt), "--data", str(domain), "--out", str(out)]
+    _run(*args, "--method", method, "--steps", "2", "--batch-size", "2", *BASE)
+    # DeepSpeed's own checkpoint layout, which the torch engine does not write.
+    assert (out / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt").is_file()
+    rows = _log(out)
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(np.isfinite(float(r["loss_total"])) for r in rows)
+    assert read_adapted_meta(out / "adapted.pt")["method"] == method

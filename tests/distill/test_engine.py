@@ -67,6 +67,15 @@ def test_a_step_changes_exactly_the_trainable_parameters(tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in ("head.weight", "head.bias"))
 
 
+def test_a_strided_trainable_parameter_is_refused_by_name(tmp_path):
+    model = Toy()
+    model.body.weight = torch.nn.Parameter(torch.randn(4, 8).t())  # [8, 4], a transposed view
+    with pytest.raises(AssertionError, match="body.weight is not contiguous"):
+        toy_engine(tmp_path, model)
+    model.body.weight.requires_grad_(False)  # a frozen one is never flattened: allowed
+    toy_engine(tmp_path, model)
+
+
 def test_accumulated_micro_batches_make_the_full_batch_step(tmp_path):
     whole, split = Toy(), Toy()
     toy_engine(tmp_path, whole, batch_size=4).step(toy_batches(4))

@@ -101,8 +101,16 @@ def test_mea_block_shares_one_layer_norm() -> None:
     assert (norms(shared), norms(two)) == (1, 2)
     x = torch.randn(2, 6, 10, 32)
     assert shared(x).shape == two(x).shape == x.shape
-    # the convolutions run on the channels-last tokens without a layout copy of their weights
-    assert shared.ffn.fc1.weight.is_contiguous(memory_format=torch.channels_last)
+    # weights are stored contiguous (DeepSpeed flattens them); inference reuses one channels-last
+    # copy per weight version, so the convolutions run without a layout copy per call
+    fc1 = shared.ffn.fc1
+    assert fc1.weight.is_contiguous()
+    with torch.no_grad():
+        first, again = fc1._inference_weight(), fc1._inference_weight()
+        assert first.is_contiguous(memory_format=torch.channels_last) and first is again
+        fc1.weight.add_(1.0)
+        assert torch.equal(fc1._inference_weight(), fc1.weight)  # a new version, a new copy
+    assert fc1._inference_weight() is fc1.weight  # with a gradient: the parameter itself
     bare = MEABlock(32, conv_kernel=0, ffn_kernel=1)
     assert bare.local is None and bare.ffn.fc1.kernel_size == (1, 1)
 

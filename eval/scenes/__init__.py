@@ -1,0 +1,1 @@
+"""Data generators for tests, the demo and the reference teacher."""
