@@ -26,13 +26,13 @@ from distill.config import AdaptConfig
 from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
 from distill.logs import RunProgress, plot_adapt
 from distill.losses import MASK_LOSSES
-from distill.preempt import StopRequest
 from eval.mask_data import Skips, coco_split, iter_pairs, list_pairs
 from eval.mask_metrics import binary_dice, binary_iou
 from students import load_sam
 from students.adapters.export import adapt_sam, save_adapted
 from students.adapters.model import PromptedSam, predict_prob, set_trainable
-from teachers.build import file_sha256
+from teachers.runtime.files import file_sha256
+from teachers.runtime.preempt import StopRequest
 
 VAL_COLUMNS = ["val_iou", "val_dice", "val_area_ratio"]
 

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset
 
-from distill.preempt import ignore_in_worker, stop_workers
 from eval.mask_data import MaskDataError, MaskPair, full_image_box, load_pair, mask_box
 from teachers.preprocess import preprocess
+from teachers.runtime.preempt import ignore_in_worker, stop_workers
 
 
 def prompt_box(mask: np.ndarray, prompt: str) -> list[float]:

@@ -24,15 +24,15 @@ from distill.config import DistillConfig
 from distill.data import DataSpec, StreamLayout, make_loader
 from distill.engine import build_engine
 from distill.losses import student_taps_for
-from distill.placement import DistEnv
-from distill.preempt import stop_workers
 from distill.train import DistillLoss, DistillModel
 from students import build_student
 from teachers.build import TEACHER_SIZES, build_vit_tiny, sam_model_registry
 from teachers.cache import plan_cache, write_cache
 from teachers.cache_read import open_cache
-from teachers.flags import add_config_flags
 from teachers.preprocess import decode_image, preprocess, valid_mask
+from teachers.runtime.flags import add_config_flags
+from teachers.runtime.placement import DistEnv
+from teachers.runtime.preempt import stop_workers
 from teachers.sources import list_sources, read_item
 from teachers.teacher import Teacher
 

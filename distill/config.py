@@ -3,8 +3,8 @@
 `TrainConfig` holds what every training job shares (run folder, steps, batch layout, optimizer,
 precision, checkpoints, engine); each job's config adds its own fields to it (`DistillConfig`).
 The command-line flags are made from these fields, their defaults and their docstrings
-(`teachers.flags`): a default is stated here and nowhere else. Field metadata `choices` lists the
-accepted values of a field, which `__post_init__` checks for flags and JSON files alike.
+(`teachers.runtime.flags`): a default is stated here and nowhere else. Field metadata `choices`
+lists the accepted values of a field, which `__post_init__` checks for flags and JSON files alike.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ from itertools import islice
 import torch
 import webdataset as wds
 
-from distill.preempt import ignore_in_worker, stop_workers
 from distill.prompting import NONE, sample_prompts
 from teachers.cache_read import decode_sample
 from teachers.preprocess import decode_image, preprocess, valid_mask
+from teachers.runtime.preempt import ignore_in_worker, stop_workers
 from teachers.teacher import feature_names
 
 Position = tuple[int, int]  # (shards drawn before the current one, samples read from it)
@@ -247,7 +247,7 @@ class StreamTracker:
         return batch
 
     def close(self) -> None:
-        """End the loader workers (see `distill.preempt.stop_workers`)."""
+        """End the loader workers (see `teachers.runtime.preempt.stop_workers`)."""
         stop_workers(self._batches)
 
     def job_state(self) -> dict:

@@ -42,9 +42,16 @@ import torch
 import torch.distributed as dist
 
 from distill.config import TrainConfig, batch_layout, deepspeed_config, warmup_steps
-from distill.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
-from distill.preempt import Preempted, StopRequest
 from distill.schedule import lr_at
+from teachers.runtime.files import save_atomic, write_text_atomic
+from teachers.runtime.placement import (
+    DistEnv,
+    dist_env,
+    local_cuda_device,
+    resolve_device,
+    share_cpu_threads,
+)
+from teachers.runtime.preempt import Preempted, StopRequest
 
 LossFn = Callable[["Engine", dict], dict[str, torch.Tensor]]
 RecordFn = Callable[[int, dict[str, float], float], None]
@@ -61,9 +68,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 
 def _write_latest(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f".{LATEST}.{os.getpid()}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, ckpt_dir / LATEST)
+    write_text_atomic(ckpt_dir / LATEST, tag)
 
 
 def _tags(ckpt_dir: Path) -> list[str]:
@@ -96,10 +101,6 @@ def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
     return ckpt_dir
-
-
-def resolve_device(device: str) -> str:
-    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def start_processes(cfg: TrainConfig) -> DistEnv:
@@ -373,9 +374,7 @@ class TorchEngine(Engine):
             "optimizer": self.optimizer.state_dict(),
             "client": client,
         }
-        tmp = folder / f".{self.FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, folder / self.FILE)
+        save_atomic(state, folder / self.FILE)
 
     def _load_files(self, ckpt_dir: Path, tag: str) -> dict:
         path = ckpt_dir / tag / self.FILE

@@ -2,24 +2,24 @@
 exit codes. `launch/distill.py` and `launch/adapt.py` are this with their config and train
 function.
 
-Exit codes: 0 done; 2 a user mistake (one line naming the flag, file or key); 75 the run saved
-and left on SIGUSR1/SIGTERM (`distill.preempt.REQUEUE_EXIT`: requeue me).
+Exit codes (`teachers.runtime.exits`): 0 done; 2 a user mistake (one line naming the flag, file
+or key); 75 the run saved and left on SIGUSR1/SIGTERM (`REQUEUE_EXIT`: requeue me).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 
 from distill.config import TrainConfig
-from distill.preempt import REQUEUE_EXIT, Preempted, StopRequest
+from teachers.runtime.exits import exit_status
+from teachers.runtime.preempt import StopRequest
 
 
 def job_parser(doc: str, cls: type[TrainConfig]) -> argparse.ArgumentParser:
-    """`--config` plus one flag per field of `cls` (`teachers.flags`), and the launcher's
+    """`--config` plus one flag per field of `cls` (`teachers.runtime.flags`), and the launcher's
     `--local_rank`."""
-    from teachers.flags import add_config_flags
+    from teachers.runtime.flags import add_config_flags
 
     p = argparse.ArgumentParser(
         description=doc,
@@ -44,14 +44,10 @@ def run_job(
     stop = stop or StopRequest().listen()
     args = vars(parser.parse_args(argv))
     args.pop("local_rank", None)
-    try:
-        config = args.pop("config", None)
+    config = args.pop("config", None)
+
+    def run() -> None:
         cfg = cls.from_file(config, **args) if config else cls(**args)
         train(cfg, stop)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Preempted as left:
-        print(left, file=sys.stderr, flush=True)
-        return REQUEUE_EXIT
-    return 0
+
+    return exit_status(run)

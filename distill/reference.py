@@ -37,8 +37,9 @@ from segment_anything.modeling import Sam
 from distill.config import TrainConfig
 from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
 from distill.logs import RunProgress, StepLog, _save
-from distill.preempt import StopRequest
 from teachers.preprocess import preprocess
+from teachers.runtime.files import save_atomic
+from teachers.runtime.preempt import StopRequest
 from teachers.sam_mini import SAM_MINI_IMG_SIZE, build_sam_mini
 
 Scenes = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
@@ -314,10 +315,7 @@ def save_reference(sam: Sam, path: Path) -> Path:
     """The official flat key layout, fp16 tensors (`teachers.build` casts them back on load),
     written to a temporary name first so that a crash leaves no half file."""
     state = {k: v.detach().to(torch.float16).clone() for k, v in sam.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return save_atomic(state, path)
 
 
 def train(cfg: ReferenceConfig, stop: StopRequest | None = None, *, scenes: Scenes) -> Path:

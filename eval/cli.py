@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from eval.config import EvalConfig
 from eval.evaluate import run
-from teachers.flags import add_config_flags
+from teachers.runtime.exits import exit_status
+from teachers.runtime.flags import add_config_flags
 
 
 def build_parser(dataset: str) -> argparse.ArgumentParser:
@@ -27,9 +27,4 @@ def parse_args(dataset: str, argv: list[str] | None = None) -> EvalConfig:
 
 def main(dataset: str, argv: list[str] | None = None) -> int:
     """Run one entry script; user mistakes (flags, files, data) print one line and return 2."""
-    try:
-        run(parse_args(dataset, argv))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(parse_args(dataset, argv)))

@@ -1,7 +1,7 @@
 """One evaluation run, from a config to the printed table and the output JSON.
 
-Every process (rank from `distill.placement.dist_env`) selects the same images, evaluates its
-share (image i -> rank i % world_size) and, with several processes, writes a part file; the
+Every process (rank from `teachers.runtime.placement.dist_env`) selects the same images,
+evaluates its share (image i -> rank i % world_size) and, with several processes, writes a part file; the
 process that finds every part present merges them (with torch.distributed initialised: rank 0
 after a barrier), and `--merge` does it later by hand. See eval.parts for why the merged figures
 equal a single process's.
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from distill.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
 from eval.config import EvalConfig
 from eval.datasets import (
     EvalDataset,
@@ -34,6 +33,7 @@ from eval.parts import PartWriter, missing_parts, part_path, read_parts, write_j
 from eval.report import det_figures, format_table, gt_figures
 from eval.runner import Task, load_model, run_images
 from eval.vis import Overlays
+from teachers.runtime.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
 
 MAX_LISTED_MISSING = 100
 

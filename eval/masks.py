@@ -39,7 +39,8 @@ from eval.parts import write_json  # noqa: E402
 from eval.vis import blend  # noqa: E402
 from students import load_sam  # noqa: E402
 from students.adapters.model import PromptedSam, predict_prob  # noqa: E402
-from teachers.flags import add_config_flags  # noqa: E402
+from teachers.runtime.exits import exit_status  # noqa: E402
+from teachers.runtime.flags import add_config_flags  # noqa: E402
 
 # (result key, column title, format); BER is x 100, the others in [0, 1].
 COLUMNS = (
@@ -183,20 +184,19 @@ def format_table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse, evaluate, print the table, write --out; user mistakes print one line, return 2."""
     args = vars(build_parser().parse_args(argv))
+    return exit_status(lambda: report(MaskEvalConfig(**args)))
+
+
+def report(cfg: MaskEvalConfig) -> None:
+    """Evaluate, print the table, write --out; a bad pair under --on-bad stop says how to go on."""
     try:
-        cfg = MaskEvalConfig(**args)
         summary = evaluate(cfg)
     except MaskDataError as err:
-        print(f"error: {err} (--on-bad skip counts such pairs and goes on)", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise ValueError(f"{err} (--on-bad skip counts such pairs and goes on)") from err
     print(format_table(summary))
     if cfg.out:
         write_json(cfg.out, summary)
         print(f"wrote {cfg.out}")
-    return 0
 
 
 if __name__ == "__main__":

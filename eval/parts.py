@@ -18,34 +18,26 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from teachers.runtime.files import atomic_write, write_text_atomic
+
 
 def part_path(out: str | Path, rank: int, world_size: int) -> Path:
     out = Path(out)
     return out.with_name(f"{out.name}.rank{rank}-of-{world_size}.jsonl")
 
 
-def _atomic_write(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(f"{path.name}.partial.{os.getpid()}")
-    with open(tmp, "w") as f:
-        for line in lines:
-            f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: str | Path, obj: dict) -> None:
     """Write a JSON file atomically (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, [json.dumps(obj, indent=1) + "\n"])
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """Write one JSON object per line, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, (json.dumps(r) + "\n" for r in records))
+    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
 
 
 class PartWriter:

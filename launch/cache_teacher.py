@@ -14,9 +14,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 sys.path.insert(0, str(_here.parent))
 
 if __name__ == "__main__":
-    # Listen before torch loads (distill.preempt is standard library only): a SLURM signal during
-    # the slow start-up is then recorded and answered at the first safe point, not fatal.
-    from distill.preempt import StopRequest
+    # Listen before torch loads (teachers.runtime.preempt is standard library only): a SLURM signal
+    # during the slow start-up is then recorded and answered at the first safe point, not fatal.
+    from teachers.runtime.preempt import StopRequest
 
     stop = StopRequest().listen()
     from teachers.cache_cli import main

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None, stop=None) -> int:
 
 
 if __name__ == "__main__":
-    from distill.preempt import StopRequest  # standard library only: listening before torch loads
+    from teachers.runtime.preempt import (
+        StopRequest,  # standard library only: listening before torch loads
+    )
 
     sys.exit(main(stop=StopRequest().listen()))

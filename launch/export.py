@@ -22,7 +22,6 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 sys.path.insert(0, str(_here.parent))
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -30,7 +29,8 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from students.prune import CRITERIA, TARGETS  # noqa: E402
 from students.quant import INT8_MODES, KEEP_FP32  # noqa: E402
 from teachers.cache_read import cache_images  # noqa: E402
-from teachers.flags import add_config_flags  # noqa: E402
+from teachers.runtime.exits import exit_status  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
 
 ONNX_TOLERANCE = 1e-4  # fp32 onnxruntime vs PyTorch, max absolute difference
 
@@ -154,26 +154,15 @@ def export(cfg: ExportConfig) -> dict:
     }
 
 
-def parse(argv: list[str] | None) -> ExportConfig:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_flags(p, ExportConfig)
-    args = p.parse_args(argv)
-    try:
-        return ExportConfig(**vars(args))
-    except ValueError as err:
-        p.error(str(err))
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv)
+    cfg = parse_config(ExportConfig, argv, __doc__)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    try:
-        result = prune(cfg) if cfg.prune else export(cfg)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: report(cfg))
+
+
+def report(cfg: ExportConfig) -> None:
+    """Prune or export, write OUT/prune.json or OUT/export.json, print what was written."""
+    result = prune(cfg) if cfg.prune else export(cfg)
     settings = asdict(cfg)
     name = "prune.json" if cfg.prune else "export.json"
     (Path(cfg.out) / name).write_text(json.dumps({"settings": settings, **result}, indent=1))
@@ -181,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: {value}")
     if cfg.prune:
         print(f"next: python launch/distill.py --init {result['pruned']} --shards CACHE --out RUN")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ one code path in evaluation.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -28,8 +27,9 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from students.registry import build_student
-from teachers.build import check_flat, check_state_dict, safe_load, sam_from_state, sam_heads
+from teachers.build import check_state_dict, sam_from_state, sam_heads
 from teachers.preprocess import PIXEL_MEAN, PIXEL_STD
+from teachers.runtime.files import check_flat, safe_load, save_atomic
 
 FORMAT = "sam-distill-student"
 FORMAT_VERSION = 1
@@ -79,10 +79,7 @@ def save_student(
         "mask_decoder": "teacher" if mask_decoder is None else "student",
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()},
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_atomic(payload, path)
 
 
 def _load_student(payload: dict, source: str) -> Sam:

@@ -7,9 +7,6 @@ is a small architecture with the same key layout, for tests and the CPU demo.
 
 from __future__ import annotations
 
-import hashlib
-import pickle
-import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -25,6 +22,7 @@ from segment_anything.modeling import (
 )
 
 from teachers.preprocess import PIXEL_MEAN, PIXEL_STD
+from teachers.runtime.files import read_checkpoint
 
 TEACHER_NAMES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
 # SAM's global-attention blocks: the natural layer-wise distillation targets.
@@ -107,71 +105,6 @@ def random_vit_tiny(seed: int = VIT_TINY_SEED) -> Sam:
         sam = build_vit_tiny()
         torch.nn.init.trunc_normal_(sam.image_encoder.pos_embed, std=0.02)
     return sam.eval()
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _last_line(err: BaseException) -> str:
-    lines = [
-        line.strip()
-        for line in str(err).splitlines()
-        if line.strip() and "documentation" not in line
-    ]
-    return lines[-1] if lines else type(err).__name__
-
-
-def safe_load(path: str | Path, mmap: bool = False) -> object:
-    """`torch.load(path, weights_only=True)` on the CPU, with errors that name the file.
-
-    mmap: map the tensors instead of reading them (for a look at a few keys of a large file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            # Only zip-format files can be mapped; older ones are read whole.
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:
-            raise ValueError(
-                f"{path}: not a readable torch checkpoint ({_last_line(err)})"
-            ) from err
-        raise ValueError(
-            f"{path}: refusing to load: the file holds a pickled object ({found.group(1)}) besides "
-            "tensors. Re-save it as a plain state dict: torch.save(model.state_dict(), path)."
-        ) from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({_last_line(err)})") from err
-
-
-def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """Load a flat state dict with `weights_only=True`; refuse anything else with a clear error."""
-    return check_flat(safe_load(path, mmap), path)
-
-
-def check_flat(state: object, path: str | Path) -> dict[str, torch.Tensor]:
-    """`state` if it is a flat dict of tensors, else a ValueError naming `path`."""
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(
-            f"{path}: expected a flat state dict of tensors; non-tensor entries: {bad[:5]}"
-            + (" (a training checkpoint? export its model state dict)" if "model" in bad else "")
-        )
-    return state
 
 
 def _list(keys: Sequence[str], limit: int = 8) -> str:

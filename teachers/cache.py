@@ -20,8 +20,8 @@ to rank i % world_size. A shard is written to `<name>.partial` and appears by at
 crash leaves no half shard, and a rerun skips finished shards: no sample is ever written twice.
 No file is locked, so ranks on different nodes of NFS or Lustre can share OUT (teachers.manifest).
 Each field may have its own codec (`--codec embed=fp16,blocks=int8`, `teachers.codecs`).
-On a stop request (SIGUSR1/SIGTERM, see distill/preempt.py) the writer finishes the teacher batch
-in hand, drops the shard in progress, updates the manifest and raises `Preempted`.
+On a stop request (SIGUSR1/SIGTERM, see teachers/runtime/preempt.py) the writer finishes the
+teacher batch in hand, drops the shard in progress, updates the manifest and raises `Preempted`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from distill.placement import DistEnv, dist_env
-from distill.preempt import Preempted, StopRequest, ignore_in_worker, stop_workers
 from teachers import codecs
 from teachers.manifest import (  # noqa: F401 (the cache's names, re-exported)
     MANIFEST,
@@ -53,6 +51,8 @@ from teachers.manifest import (  # noqa: F401 (the cache's names, re-exported)
     write_json_atomic,
 )
 from teachers.preprocess import PREPROCESS_VERSION, decode_image, preprocess
+from teachers.runtime.placement import DistEnv, dist_env
+from teachers.runtime.preempt import Preempted, StopRequest, ignore_in_worker, stop_workers
 from teachers.sources import SourceItem, list_sources, read_item
 from teachers.teacher import EMBED, Teacher, feature_names
 

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from distill.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
-from distill.preempt import REQUEUE_EXIT, Preempted, StopRequest
 from teachers.build import DEFAULT_TAPS, TEACHER_NAMES, TEACHER_SIZES
 from teachers.cache import CachePlan, plan_cache, write_cache
 from teachers.cache_read import load_manifest, verify_cache
 from teachers.codecs import parse_codecs
-from teachers.flags import add_config_flags
 from teachers.manifest import repair_cache
+from teachers.runtime.exits import exit_status
+from teachers.runtime.flags import add_config_flags
+from teachers.runtime.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
+from teachers.runtime.preempt import StopRequest
 from teachers.teacher import DTYPES, feature_names, load_teacher
 
 
@@ -143,14 +143,7 @@ def run_verify(cfg: CacheConfig) -> int:
 def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
     """Run the CLI; user mistakes (bad flags, files, settings) print one line and return 2. With
     `stop` listening, a signal saves the finished shards and returns `REQUEUE_EXIT` (75)."""
-    try:
-        return _run(parse_args(argv), stop)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Preempted as err:
-        print(err, file=sys.stderr, flush=True)
-        return REQUEUE_EXIT
+    return exit_status(lambda: _run(parse_args(argv), stop))
 
 
 def explain_plan(cfg: CacheConfig, plan: CachePlan, env: DistEnv) -> None:

@@ -13,7 +13,6 @@ import torch
 import webdataset as wds
 
 from teachers import codecs
-from teachers.build import file_sha256
 from teachers.cache import channel_axis
 from teachers.manifest import (
     MANIFEST,
@@ -25,6 +24,7 @@ from teachers.manifest import (
     with_codecs,
 )
 from teachers.preprocess import decode_image, preprocess
+from teachers.runtime.files import file_sha256
 from teachers.sources import IMAGE_EXTS, expand_spec
 from teachers.teacher import Teacher, feature_names
 

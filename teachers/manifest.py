@@ -20,18 +20,15 @@ not honoured or not shared between clients, so nothing here locks:
 from __future__ import annotations
 
 import json
-import os
-import socket
 import tarfile
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
 
-from teachers.build import file_sha256
 from teachers.codecs import parse_codecs
+from teachers.runtime.files import atomic_write, create_once, file_sha256
 from teachers.teacher import feature_names
 
 MANIFEST = "manifest.json"
@@ -81,42 +78,18 @@ def record_path(out: Path, index: int) -> Path:
     return out / shard_name(index).replace(".tar", ".json")
 
 
-def _temporary(path: Path) -> Path:
-    """A fresh temporary file beside `path`, its name unique across nodes (host, pid, random)."""
-    prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
-def _write_synced(path: Path, data: dict) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(data, indent=1, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=1, sort_keys=True)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write `path` whole or not at all: a synced temporary file renamed onto it."""
-    tmp = _temporary(path)
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: f.write(_json(data)))
 
 
 def create_json_once(path: Path, data: dict) -> bool:
     """Create `path` with `data` unless it exists; True when this call created it."""
-    tmp = _temporary(path)
-    try:
-        _write_synced(tmp, data)
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
+    return create_once(path, lambda f: f.write(_json(data)))
 
 
 def with_codecs(settings: dict) -> dict:

@@ -13,10 +13,10 @@ from teachers.build import (
     DEFAULT_TAPS,
     TEACHER_NAMES,
     VIT_TINY_SEED,
-    file_sha256,
     load_sam_checkpoint,
     random_vit_tiny,
 )
+from teachers.runtime.files import file_sha256
 
 EMBED = "embed"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -63,10 +63,7 @@ def test_rooms_import_only_what_they_may():
     for path, names in imports_of("eval", skip=("cli.py", "coco.py", "lvis.py")).items():
         assert "eval.cli" not in names, path
     for path, names in imports_of("teachers").items():
-        assert not any(n.split(".")[0] in ("students", "eval") for n in names), path
-        # Of distill, only its leaf modules: process placement and save-and-leave on signals.
-        leaves = {n for n in names if n.split(".")[0] == "distill"}
-        assert leaves <= {"distill.placement", "distill.preempt"}, path
-    for leaf in ("placement.py", "preempt.py"):
-        project = {n.split(".")[0] for n in imported(REPO / "distill" / leaf)}
-        assert not project & set(PACKAGES), leaf
+        assert not any(n.split(".")[0] in ("students", "eval", "distill") for n in names), path
+    for path in (REPO / "teachers" / "runtime").rglob("*.py"):
+        project = {n for n in imported(path) if n.split(".")[0] in PACKAGES}
+        assert all(n.startswith("teachers.runtime") for n in project), path

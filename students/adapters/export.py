@@ -28,7 +28,6 @@ the attribute names under which adapters keep a module they wrap (`WRAPPED`), e.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from segment_anything.modeling import Sam
 
 from students.adapters.base import WRAPPED, build_adapter
 from students.export import ADAPTED_FORMAT, load_sam
-from teachers.build import file_sha256, safe_load
+from teachers.runtime.files import file_sha256, safe_load, save_atomic
 
 FORMAT = ADAPTED_FORMAT
 FORMAT_VERSION = 1
@@ -85,10 +84,7 @@ def save_adapted(
         "step": int(step),
         "state_dict": delta_state(sam, base_state),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_atomic(payload, path)
 
 
 def adapt_sam(sam: Sam, method: str, adapter_kwargs: dict) -> Sam:

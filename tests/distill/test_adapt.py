@@ -19,7 +19,7 @@ from eval.synthetic_domain import make_domain
 from students import load_sam
 from students.adapters import list_adapters
 from students.adapters.export import read_adapted_meta
-from teachers.build import file_sha256
+from teachers.runtime.files import file_sha256
 from tests.conftest import REPO, killer_script, unplaced_env
 
 pytestmark = pytest.mark.slow

@@ -14,13 +14,13 @@ from distill.adapt_data import MaskTrainSet, SampleOrder
 from distill.config import ADAPT_METHODS, AdaptConfig
 from distill.engine import TorchEngine
 from distill.losses import bce_dice_loss, structure_loss
-from distill.placement import DistEnv
 from eval.mask_data import NonBinaryMaskError, list_pairs
 from eval.synthetic_domain import make_domain
 from students import load_sam
 from students.adapters import list_adapters
 from students.adapters.export import adapt_sam, delta_state, save_adapted
 from students.adapters.model import PromptedSam, predict_prob
+from teachers.runtime.placement import DistEnv
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_adapted_pt_refuses_a_base_with_another_sha256(tmp_path, tiny_ckpt, othe
     recorded = torch.load(path, weights_only=True)["base"]["sha256"]
     with pytest.raises(ValueError) as err:
         load_sam(path, base=other_base)
-    from teachers.build import file_sha256
+    from teachers.runtime.files import file_sha256
 
     assert recorded in str(err.value) and file_sha256(other_base) in str(err.value)
     with pytest.raises(FileNotFoundError, match="base checkpoint"):

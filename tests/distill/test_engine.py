@@ -14,14 +14,14 @@ import torch
 import distill.logs
 from distill.config import DistillConfig, TrainConfig
 from distill.engine import TorchEngine, build_engine, latest_tag
-from distill.placement import DistEnv
-from distill.preempt import Preempted, StopRequest
 from distill.schedule import dld_weights, lr_at, step_progress
 from distill.train import train
 from eval.synthetic import make_coco
 from students.export import load_sam
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
+from teachers.runtime.placement import DistEnv
+from teachers.runtime.preempt import Preempted, StopRequest
 
 
 class Toy(torch.nn.Module):

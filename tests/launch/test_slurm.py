@@ -209,7 +209,7 @@ SLOWER = textwrap.dedent(
     # importing what they patch does not widen the start-up window in which a signal kills.
     import os, runpy, sys, time
     sys.path.insert(0, {repo!r})
-    import distill.preempt
+    import teachers.runtime.preempt
     sleep = lambda name: time.sleep(float(os.environ.get(name, "0")))
 
     def slow_distill():
@@ -232,12 +232,12 @@ SLOWER = textwrap.dedent(
             sleep("SLEEP_AFTER_SHARD")
         cache._ShardWriter.write, cache._ShardWriter.finish = write_slowly, finish_slowly
 
-    listen = distill.preempt.StopRequest.listen
+    listen = teachers.runtime.preempt.StopRequest.listen
     def listen_then_slow_down(self):
         listening = listen(self)
         (slow_distill if sys.argv[0].endswith("distill.py") else slow_cache)()
         return listening
-    distill.preempt.StopRequest.listen = listen_then_slow_down
+    teachers.runtime.preempt.StopRequest.listen = listen_then_slow_down
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
     """

@@ -12,13 +12,13 @@ import torch
 import webdataset as wds
 
 import teachers.cache as cache_module
-from distill.placement import DistEnv
-from distill.preempt import REQUEUE_EXIT, Preempted, StopRequest
 from eval.synthetic import make_coco
 from teachers import codecs, load_teacher, preprocess
 from teachers.cache import channel_axis, plan_cache, write_cache
 from teachers.cache_read import check_manifest, load_manifest, read_cache, verify_cache
 from teachers.preprocess import decode_image
+from teachers.runtime.placement import DistEnv
+from teachers.runtime.preempt import REQUEUE_EXIT, Preempted, StopRequest
 from tests.conftest import REPO, unplaced_env
 
 SLACK = 1e-5  # teacher rounding differences between batch sizes on the CPU

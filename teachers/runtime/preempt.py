@@ -6,9 +6,9 @@ request at its own safe points (the end of a training step, the end of a batch o
 writer), saves there, and raises `Preempted`. Entry points turn that into `REQUEUE_EXIT`, which
 the SLURM batch scripts read as "progress is saved: requeue me".
 
-A leaf module (standard library only): the entry scripts create their `StopRequest` before the
-slow imports, so a signal that comes while torch loads is recorded instead of killing the process
-(the default action of both signals is to terminate).
+Part of the ground floor (`teachers.runtime`, standard library only): the entry scripts create
+their `StopRequest` before the slow imports, so a signal that comes while torch loads is recorded
+instead of killing the process (the default action of both signals is to terminate).
 """
 
 from __future__ import annotations

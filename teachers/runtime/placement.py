@@ -1,7 +1,7 @@
 """Process placement, read once from the environment (torchrun, DeepSpeed or SLURM).
 
-A leaf module (standard library only, torch imported lazily): the cache writer, the training
-engine and the evaluation runners all place their processes through it.
+Part of the ground floor (`teachers.runtime`: standard library only, torch imported lazily): the
+cache writer, the training engine and the evaluation runners all place their processes through it.
 """
 
 from __future__ import annotations
@@ -55,6 +55,15 @@ def local_cuda_device(env: DistEnv) -> str:
     if count == 0:
         raise ValueError("--device cuda: no CUDA device is visible")
     return f"cuda:{env.local_rank % count}"
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when a GPU is visible, else cpu; any other name unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cpu_threads_per_process(

@@ -1,15 +1,15 @@
-"""CPU threads split between the processes of a node (`distill.placement.share_cpu_threads`),
-as the caching and evaluation entry points use it."""
+"""CPU threads split between the processes of a node
+(`teachers.runtime.placement.share_cpu_threads`), as the caching and evaluation entry points use it."""
 
 import os
 
 import pytest
 import torch
 
-from distill.placement import cpu_threads_per_process
 from eval.cli import main as eval_main
 from eval.synthetic import make_coco
 from teachers.cache_cli import main as cache_main
+from teachers.runtime.placement import cpu_threads_per_process
 
 NODE_CPUS = 8
 

@@ -1,5 +1,6 @@
-"""Flags made from config dataclasses (`teachers.flags`): the distill, cache and eval parsers keep
-their public names, state no default of their own, and parse into the dataclass's defaults."""
+"""Flags made from config dataclasses (`teachers.runtime.flags`): the distill, cache and eval
+parsers keep their public names, state no default of their own, and parse into the dataclass's
+defaults."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from eval import cli as eval_cli
 from eval.config import EvalConfig
 from teachers import cache_cli
 from teachers.cache_cli import CacheConfig
-from teachers.flags import add_config_flags, field_docs, ints
+from teachers.runtime.flags import add_config_flags, field_docs, ints, parse_config
 from tests.conftest import REPO
 
 
@@ -231,3 +232,21 @@ def test_unsupported_annotation() -> None:
 
     with pytest.raises(TypeError, match="no flag type"):
         add_config_flags(argparse.ArgumentParser(), Bad)
+
+
+@dataclass
+class _Checked:
+    steps: int = 1
+    """Steps."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+
+
+def test_parse_config_reports_a_refused_config_like_a_bad_flag(capsys) -> None:
+    assert parse_config(_Checked, ["--steps", "3"]) == _Checked(steps=3)
+    with pytest.raises(SystemExit) as stopped:
+        parse_config(_Checked, ["--steps", "0"])
+    assert stopped.value.code == 2
+    assert "error: --steps must be at least 1, got 0" in capsys.readouterr().err

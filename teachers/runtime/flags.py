@@ -7,6 +7,10 @@ defaults to `argparse.SUPPRESS`, so only the flags a user gave reach the config 
 states each default once. Not tyro, simple_parsing or jsonargparse: our public flags are
 comma-separated int lists (`--layers 7,15,23,31`) and `--no-x` switches, which those libraries
 spell differently.
+
+`parse_config(cls, argv)` is the whole command line of an entry point whose flags are its config's
+fields: the parser, then the config, a `ValueError` of its `__post_init__` reported the way
+argparse reports a bad flag (usage, the message, exit status 2).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import types
 import typing
 from collections.abc import Callable, Iterable
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 _PASSED_THROUGH = ("choices", "metavar", "nargs", "const")
+T = TypeVar("T")
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -118,3 +123,26 @@ def add_config_flags(
             flag = f"--{name}"
             kwargs["type"] = _parse_type(hints[f.name])
         parser.add_argument(flag, **kwargs)
+
+
+def config_parser(
+    cls: type, description: str | None = None, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A parser with one flag per field of `cls` (`kwargs` go to `add_config_flags`); the
+    description is printed as written (a module docstring with its usage lines)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_flags(parser, cls, **kwargs)
+    return parser
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+    """`cls` from the command line `argv` (default: `sys.argv[1:]`); a config the dataclass
+    refuses exits like a bad flag, with its message."""
+    parser = config_parser(cls, description)
+    args = vars(parser.parse_args(argv))
+    try:
+        return cls(**args)
+    except ValueError as err:
+        parser.error(str(err))
