@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from students.dfa_union import union_attention, union_geometry
 from students.fused import attention_with_lse, reference_attention
 
 Layout = Literal["2d", "1d"]
-Backend = Literal["auto", "fused", "reference"]
+Backend = Literal["auto", "fused", "reference", "union"]
+BACKENDS = ("auto", "fused", "reference", "union")
 
 
 def check_patterns(
@@ -270,8 +272,8 @@ class DilatedFlashAttention(nn.Module):
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         if head_dim is not None and head_dim < 1:
             raise ValueError(f"head_dim must be >= 1, got {head_dim}")
-        if backend not in ("auto", "fused", "reference"):
-            raise ValueError(f"backend must be 'auto', 'fused' or 'reference', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads if head_dim is None else head_dim
         self.patterns = check_patterns(patterns, num_heads, layout)
@@ -285,9 +287,23 @@ class DilatedFlashAttention(nn.Module):
         b, h, w, _ = x.shape
         qkv = self.qkv(x).view(b, h, w, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each [B, nh, H, W, d]
-        out = dilated_attention(q, k, v, self.patterns, self.layout, self.backend)
+        if self.backend == "union":
+            out = self._union(q, k, v, (h, w))
+        else:
+            out = dilated_attention(q, k, v, self.patterns, self.layout, self.backend)
         inner = self.num_heads * self.head_dim
         return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, inner))
+
+    def union_applies(self, grid: tuple[int, int]) -> bool:
+        """Whether the union form (`students.dfa_union`) covers these patterns on `grid`."""
+        return union_geometry(self.patterns, grid, self.layout) is not None
+
+    def _union(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The inference/export form: plain attention over gathered keys where it applies,
+        else the explicit reference math (both equal the training path)."""
+        if self.union_applies(grid):
+            return union_attention(q, k, v, self.patterns)
+        return dilated_attention(q, k, v, self.patterns, self.layout, "reference")
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, patterns={list(self.patterns)}, layout={self.layout}"

@@ -1,12 +1,12 @@
 """ONNX export of a student image encoder and of SAM's prompt encoder + mask decoder, checked
 against onnxruntime.
 
-The fused attention kernels are PyTorch operators that ONNX does not have, so the export traces
-the reference attention path (explicit matmul and softmax, the same math); onnxruntime then
-fuses what it can. Input `image` [B, 3, S, S] float32 (preprocessed as `teachers.preprocess`
-does), output `image_embeddings` [B, 256, S/16, S/16]. Shapes are static (the attention's
-segment geometry is computed from them at export, and the batch is baked into its reshapes): export
-once per batch size, 1 for `SamPredictor`-style use.
+The fused attention kernels are PyTorch operators that ONNX does not have, so DFA exports in its
+union form (`students.dfa_union`: every query attends once over the keys its patterns give it,
+standard attention over contiguous blocks, the same values as the training path). Input `image`
+[B, 3, S, S] float32 (preprocessed as `teachers.preprocess` does), output `image_embeddings`
+[B, 256, S/16, S/16]. The batch is dynamic; the image side is fixed at export (the tiles are
+computed from it).
 
 The decoder file is SAM's own ONNX layout (`segment_anything.utils.onnx.SamOnnxModel`, as in
 segment-anything's `scripts/export_onnx_model.py`): inputs `image_embeddings` [1, 256, h, w],
@@ -43,12 +43,28 @@ DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 
 
 def export_onnx(encoder: nn.Module, path: str | Path, batch: int = 1, opset: int = 17) -> Path:
-    """Write `encoder` (a student from the registry) to an ONNX file at its `img_size`."""
+    """Write `encoder` (a student from the registry) to an ONNX file at its `img_size`.
+
+    DFA layers export in their union form (`students.dfa_union`: standard attention over gathered
+    keys, which onnxruntime runs without gathers); then the batch is dynamic and `batch` only
+    sizes the tracing input. A layer whose patterns have no union form exports the explicit
+    reference math, which bakes the batch size in: the export says so.
+    """
     path = Path(path)
     model = copy.deepcopy(encoder).float().eval()
-    for module in model.modules():
-        if isinstance(module, DilatedFlashAttention):
-            module.backend = "reference"
+    grid = model.img_size // 16
+    attention = [m for m in model.modules() if isinstance(m, DilatedFlashAttention)]
+    for module in attention:
+        module.backend = "union"
+    fixed = [m for m in attention if not m.union_applies((grid, grid))]
+    if fixed:
+        print(
+            f"export: {len(fixed)} of {len(attention)} attention layers have no union form at "
+            f"grid {grid} (patterns {list(fixed[0].patterns)}): they export the explicit reference "
+            f"math, and the file takes batch {batch} only",
+            flush=True,
+        )
+    dynamic = None if fixed else {"image": {0: "batch"}, "image_embeddings": {0: "batch"}}
     dummy = torch.zeros(batch, 3, model.img_size, model.img_size)
     torch.onnx.export(
         model,
@@ -56,6 +72,7 @@ def export_onnx(encoder: nn.Module, path: str | Path, batch: int = 1, opset: int
         str(path),
         input_names=["image"],
         output_names=["image_embeddings"],
+        dynamic_axes=dynamic,
         opset_version=opset,
         dynamo=False,
     )

@@ -57,7 +57,7 @@ class OrtPredictor:
         self.encoder = ort.InferenceSession(str(encoder), options, providers=providers)
         self.decoder = ort.InferenceSession(str(decoder), options, providers=providers)
         shape = self.encoder.get_inputs()[0].shape  # [B, 3, S, S]
-        if shape[0] != 1:
+        if isinstance(shape[0], int) and shape[0] != 1:  # a named dimension is a dynamic batch
             raise ValueError(f"--encoder {encoder} has batch {shape[0]}: use the batch-1 file")
         self.img_size = int(shape[-1])
         self.embedding: np.ndarray | None = None
