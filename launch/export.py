@@ -89,7 +89,8 @@ class ExportConfig:
 
 def prune(cfg: ExportConfig) -> dict:
     """Write OUT/pruned.pt; the pruning report."""
-    from students.export import load_sam, read_export_meta, save_student
+    from students.export import read_export_meta, save_student
+    from students.load import load_sam
     from students.prune import prune_student
 
     meta = read_export_meta(cfg.ckpt)
@@ -117,8 +118,14 @@ def export(cfg: ExportConfig) -> dict:
     import torch
 
     from students import ort_predict
-    from students.export import load_sam, read_export_meta
-    from students.onnx import check_onnx, export_decoder_onnx, export_onnx
+    from students.export import read_export_meta
+    from students.load import load_sam
+    from students.onnx import (
+        check_onnx,
+        export_decoder_onnx,
+        export_onnx,
+        write_xanylabeling_config,
+    )
     from students.quant import quantize_onnx
 
     out = Path(cfg.out)
@@ -143,6 +150,11 @@ def export(cfg: ExportConfig) -> dict:
         path = export_decoder_onnx(sam, out / "decoder.onnx", cfg.opset)
         files[path.name] = {"layout": "segment_anything.utils.onnx.SamOnnxModel"}
         shutil.copyfile(ort_predict.__file__, out / "predict.py")
+        # every encoder file takes any batch; the tools feed one image at a time
+        encoder_file = f"encoder_b{min(cfg.batch_sizes)}.onnx"
+        name = read_export_meta(cfg.ckpt)["student"]["name"]
+        tool = write_xanylabeling_config(out, encoder_file, path.name, name, encoder.img_size)
+        files[tool.name] = {"for": "X-AnyLabeling / AnyLabeling: Load Custom Model"}
     for name, entry in files.items():
         entry["bytes"] = (out / name).stat().st_size
     meta = read_export_meta(cfg.ckpt)

@@ -34,6 +34,10 @@ PYTHON=${PYTHON:-python3}
 # torchvision. The CUDA builds run on CPU-only machines too.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.15.0" "torchvision==0.29.2"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+# samexporter's runtime (SegmentAnythingONNX, what AnyLabeling and X-AnyLabeling run) for the
+# annotation-tool tests. Its wheel pins torch, onnx and opencv to exact older releases that would
+# replace ours, and its runtime needs only numpy, opencv, pillow and onnxruntime: no dependencies.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "samexporter==0.5.0"
 .venv/bin/python -c "import torch, torchvision, segment_anything, deepspeed, webdataset, lvis; \
 print(f'sam-distill environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}')" 2>&1 \
   | grep -v "Setting accelerator to CPU"

@@ -138,3 +138,31 @@ def export_decoder_onnx(sam: nn.Module, path: str | Path, opset: int = 17) -> Pa
         dynamo=False,
     )
     return path
+
+
+def write_xanylabeling_config(
+    out: str | Path, encoder: str, decoder: str, name: str, img_size: int
+) -> Path:
+    """OUT/xanylabeling.yaml: the model config that X-AnyLabeling's (and AnyLabeling's) "Load
+    Custom Model" reads for a `segment_anything` ONNX pair, with the files named relative to it.
+
+    Keys as in X-AnyLabeling's own `anylabeling/configs/auto_labeling/segment_anything_*.yaml`:
+    `type`, `name`, `display_name`, `encoder_model_path`, `decoder_model_path`, `input_size` (the
+    encoder's square input side) and `max_width` / `max_height` (the largest image the tool feeds
+    at full size; larger ones are scaled down first).
+    """
+    import yaml
+
+    config = {
+        "type": "segment_anything",
+        "name": f"sam_distill_{name}",
+        "display_name": f"Segment Anything ({name}, sam-distill)",
+        "encoder_model_path": encoder,
+        "decoder_model_path": decoder,
+        "input_size": int(img_size),
+        "max_width": int(img_size),
+        "max_height": int(img_size),
+    }
+    path = Path(out) / "xanylabeling.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
