@@ -7,6 +7,8 @@ trainable parts to the engine with the mask loss, resume if asked, then the engi
 (`Engine.run`, the one every job shares) with a validation on the val split every `val_every`
 steps (and once before the first step, into OUT/val_before.json: the model at initialisation,
 which is the base itself for every method but cad), and at the end the export and the plot.
+The validation's IoU and Dice come from the scorer the entry script hands in (`launch/adapt.py`
+passes evaluation's, `eval.mask_metrics.iou_dice`), so training imports nothing of evaluation.
 
 Checkpoints hold what trains (adapter, decoder, optimizer), not the frozen base, whose sha256
 is stored with them and checked on resume.
@@ -15,26 +17,28 @@ is stored with them and checked on resume.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.adapt_data import MaskBatches, MaskTrainSet, SampleOrder, prompt_box
+from distill.adapt_data import MaskBatches, MaskTrainSet, SampleOrder
 from distill.config import AdaptConfig
 from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
 from distill.logs import RunProgress, plot_adapt
 from distill.losses import MASK_LOSSES
-from eval.mask_data import Skips, coco_split, iter_pairs, list_pairs
-from eval.mask_metrics import binary_dice, binary_iou
 from students import load_sam
 from students.adapters.export import adapt_sam, save_adapted
 from students.adapters.model import PromptedSam, predict_prob, set_trainable
+from teachers.mask_folders import Skips, coco_split, iter_pairs, list_pairs, prompt_box
 from teachers.runtime.files import file_sha256
 from teachers.runtime.preempt import StopRequest
 
 VAL_COLUMNS = ["val_iou", "val_dice", "val_area_ratio"]
+Scorer = Callable[[np.ndarray, np.ndarray], tuple[float, float]]
+"""(foreground probability [H, W], true mask [H, W] bool) -> (IoU, Dice) of one image."""
 
 
 def build_model(cfg: AdaptConfig) -> PromptedSam:
@@ -75,8 +79,8 @@ class Validation:
     that collapses shows as a ratio near 0). Each process scores its share of the images; one
     all-reduce sums them."""
 
-    def __init__(self, cfg: AdaptConfig, rank: int, world: int) -> None:
-        self.skips = Skips()
+    def __init__(self, cfg: AdaptConfig, rank: int, world: int, scorer: Scorer) -> None:
+        self.skips, self.scorer = Skips(), scorer
         pairs = list_pairs(cfg.data, "val", on_bad=cfg.on_bad, skips=self.skips)
         self.cfg, self.pairs = cfg, pairs[rank::world]
         if not pairs:
@@ -89,7 +93,7 @@ class Validation:
         for _, image, mask in pairs:
             prob = predict_prob(model, image, prompt_box(mask, self.cfg.prompt), engine.dtype)
             area = float((prob > 0.5).sum())
-            sums += [binary_iou(prob, mask), binary_dice(prob, mask), area, mask.sum(), 1]
+            sums += [*self.scorer(prob, mask), area, mask.sum(), 1]
         model.train()
         iou, dice, pred_area, true_area, n = engine.all_reduce(sums.tolist())
         if n == 0:
@@ -140,6 +144,7 @@ def export(cfg: AdaptConfig, model: PromptedSam) -> Path:
         out / "adapted.pt",
         sam.eval(),
         base_path=cfg.ckpt,
+        base_state=load_sam(cfg.ckpt).state_dict(),
         method=cfg.method,
         adapter_kwargs=cfg.adapter_kwargs(),
         merged=cfg.merge,
@@ -151,9 +156,10 @@ def export(cfg: AdaptConfig, model: PromptedSam) -> Path:
     return path
 
 
-def train(cfg: AdaptConfig, stop: StopRequest | None = None) -> Path:
-    """Run (or resume) an adaptation; return the path of adapted.pt. A stop request
-    (SIGUSR1/SIGTERM) saves a checkpoint after the current step and raises Preempted."""
+def train(cfg: AdaptConfig, stop: StopRequest | None = None, *, scorer: Scorer) -> Path:
+    """Run (or resume) an adaptation, validating with `scorer`; return the path of adapted.pt. A
+    stop request (SIGUSR1/SIGTERM) saves a checkpoint after the current step and raises
+    Preempted."""
     env = start_processes(cfg)
     ckpt_dir = prepare_run_dir(cfg, env.rank)
     model = build_model(cfg)
@@ -162,7 +168,7 @@ def train(cfg: AdaptConfig, stop: StopRequest | None = None) -> Path:
     start, job, mine = engine.resume(ckpt_dir) if cfg.resume == "auto" else (0, None, None)
     base_sha = check_base(cfg, job)
     batches = open_batches(cfg, engine, job, mine, base_sha)
-    validate = Validation(cfg, env.rank, env.world_size)
+    validate = Validation(cfg, env.rank, env.world_size, scorer)
     progress = RunProgress(cfg, AdaptLoss.columns() + VAL_COLUMNS, start, env.rank)
     if env.rank == 0:
         print(

@@ -1,4 +1,5 @@
-"""Training batches from a binary-mask folder (`eval.mask_data`): a fixed order, resumable exactly.
+"""Training batches from a binary-mask folder (`teachers.mask_folders`): a fixed order, resumable
+exactly.
 
 The order is a pure function of the seed: epoch `e` visits the train pairs in the permutation
 `default_rng([seed, e])`, and global step `t` takes samples `t B .. (t + 1) B - 1` of that endless
@@ -30,18 +31,9 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset
 
-from eval.mask_data import MaskDataError, MaskPair, full_image_box, load_pair, mask_box
+from teachers.mask_folders import MaskDataError, MaskPair, load_pair, prompt_box
 from teachers.preprocess import preprocess
 from teachers.runtime.preempt import ignore_in_worker, stop_workers
-
-
-def prompt_box(mask: np.ndarray, prompt: str) -> list[float]:
-    """The box prompt of a sample, in its image's pixels: `gt_box` (the mask's) or `full_box`."""
-    if prompt == "gt_box":
-        return mask_box(mask)
-    if prompt == "full_box":
-        return full_image_box(mask.shape)
-    raise ValueError(f"prompt {prompt!r}: choose full_box or gt_box")
 
 
 def training_sample(image: np.ndarray, mask: np.ndarray, img_size: int, prompt: str) -> dict:

@@ -23,9 +23,9 @@ import torch
 from distill.config import DistillConfig
 from distill.data import DataSpec, StreamLayout, make_loader
 from distill.engine import build_engine
-from distill.losses import student_taps_for
 from distill.train import DistillLoss, DistillModel
 from students import build_student
+from students.taps import student_taps_for
 from teachers.build import TEACHER_SIZES, build_vit_tiny, sam_model_registry
 from teachers.cache import plan_cache, write_cache
 from teachers.cache_read import open_cache

@@ -69,20 +69,6 @@ def weighted_loss(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return torch.stack(terms).sum() if terms else losses[-1] * 0.0
 
 
-def student_taps_for(
-    teacher_taps: Sequence[int], teacher_depth: int, student_depth: int
-) -> list[int]:
-    """Student blocks at the same relative depth as the teacher's taps (e.g. ViT-H 7,15,23,31 of 32
-    -> 1,3,5,7 of 8)."""
-    taps = [max(0, round((t + 1) * student_depth / teacher_depth) - 1) for t in teacher_taps]
-    if len(set(taps)) != len(taps):
-        raise ValueError(
-            f"teacher taps {list(teacher_taps)} map onto repeated student blocks {taps}; "
-            "give --student-taps explicitly"
-        )
-    return taps
-
-
 def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-sample weighted mean over [H, W] of [B, 1, H, W] maps."""
     return (values * weights).sum((2, 3)) / weights.sum((2, 3)).clamp_min(1e-6)

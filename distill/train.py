@@ -20,11 +20,13 @@ from distill.config import DistillConfig
 from distill.data import DataSpec, StreamLayout, StreamTracker, restore_streams
 from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
 from distill.logs import RunProgress, plot_run
-from distill.losses import TapProjections, pair_losses, student_taps_for, weighted_loss
+from distill.losses import TapProjections, pair_losses, weighted_loss
 from distill.schedule import dld_weights, pair_every_from_epochs, step_progress
 from students import build_student
-from students.export import load_sam, read_export_meta, save_student
+from students.export import read_export_meta, save_student
+from students.load import load_sam
 from students.registry import DEFAULT_STUDENT
+from students.taps import student_taps_for
 from teachers.build import TEACHER_SIZES, random_vit_tiny, sam_from_state, sam_name_from_state
 from teachers.cache_read import CacheInfo, check_manifest, open_cache
 from teachers.runtime.files import file_sha256, read_checkpoint

@@ -47,7 +47,7 @@ from eval.metrics import encode_masks, mask_iou  # noqa: E402
 from eval.prompts import boxes_xyxy  # noqa: E402
 from eval.runner import predict_masks  # noqa: E402
 from eval.synthetic import make_coco  # noqa: E402
-from students.export import load_sam  # noqa: E402
+from students.load import load_sam  # noqa: E402
 from students.onnx import export_onnx  # noqa: E402
 from students.prune import TARGETS, prune_student  # noqa: E402
 from students.quant import embedding_agreement, quantize_onnx, quantize_torch  # noqa: E402

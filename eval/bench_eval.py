@@ -46,7 +46,7 @@ from eval.metrics import encode_masks, mask_iou  # noqa: E402
 from eval.prompts import Protocol, box_xyxy  # noqa: E402
 from eval.runner import Model, Task, run_images  # noqa: E402
 from eval.synthetic import make_coco  # noqa: E402
-from students.export import load_sam  # noqa: E402
+from students.load import load_sam  # noqa: E402
 from teachers.build import random_vit_tiny  # noqa: E402
 from teachers.preprocess import load_image  # noqa: E402
 

@@ -113,9 +113,9 @@ class EvalConfig:
         return Protocol.named(self.protocol, self.single_mask, self.no_crowd)
 
 
-MASK_PROMPTS = ("full_box", "gt_box")  # distill.adapt_data.prompt_box
+MASK_PROMPTS = ("full_box", "gt_box")  # teachers.mask_folders.prompt_box
 DEVICES = ("auto", "cpu", "cuda")
-ON_BAD = ("skip", "stop")  # eval.mask_data
+ON_BAD = ("skip", "stop")  # teachers.mask_folders
 
 
 @dataclass

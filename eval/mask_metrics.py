@@ -63,6 +63,12 @@ def binary_dice(prob: np.ndarray, gt: np.ndarray, both_empty: float = 1.0) -> fl
     return float(both_empty) if total == 0 else 2 * tp / total
 
 
+def iou_dice(prob: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """(IoU, Dice) of one image: the adapt job's validation scorer (`launch/adapt.py` hands it
+    to `distill.adapt.train`), so training and `eval/masks.py` score alike."""
+    return binary_iou(prob, gt), binary_dice(prob, gt)
+
+
 def mean_abs_error(prob: np.ndarray, gt: np.ndarray) -> float:
     """Mean absolute error in [0, 1] of the probability map against the 0/1 mask."""
     prob, gt = _check(prob, gt)

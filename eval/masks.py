@@ -4,7 +4,7 @@ r"""Binary-mask evaluation of an adapted model (or a student, or SAM) on a domai
         [--split val] [--prompt full_box|gt_box] [--compare-ckpt runs/dfa_s/student.pt] \
         [--base runs/dfa_s/student.pt] [--out results.json] [--vis DIR --vis-limit N]
 
-Every image is prompted with one box (`distill.adapt_data.prompt_box`: the whole image, or the
+Every image is prompted with one box (`teachers.mask_folders.prompt_box`: the whole image, or the
 ground-truth mask's box) and scored by `students.adapters.model.predict_prob`, the function the
 training's validation uses, so the two agree. Metrics (`eval.mask_metrics.MaskScores`): IoU,
 Dice, MAE, BER (x 100) and pysodmetrics' S-measure, weighted F and mean E-measure. With
@@ -31,14 +31,20 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from distill.adapt_data import prompt_box  # noqa: E402
 from eval.config import MaskEvalConfig  # noqa: E402
-from eval.mask_data import MaskDataError, Skips, coco_split, iter_pairs, list_pairs  # noqa: E402
 from eval.mask_metrics import THRESHOLD, MaskScores  # noqa: E402
 from eval.parts import write_json  # noqa: E402
 from eval.vis import blend  # noqa: E402
 from students import load_sam  # noqa: E402
 from students.adapters.model import PromptedSam, predict_prob  # noqa: E402
+from teachers.mask_folders import (  # noqa: E402
+    MaskDataError,
+    Skips,
+    coco_split,
+    iter_pairs,
+    list_pairs,
+    prompt_box,
+)
 from teachers.runtime.exits import exit_status  # noqa: E402
 from teachers.runtime.flags import add_config_flags  # noqa: E402
 

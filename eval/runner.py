@@ -29,7 +29,7 @@ from tqdm import tqdm
 from eval.datasets import EvalDataset, EvalImage
 from eval.metrics import encode_masks, mask_iou
 from eval.prompts import Click, Protocol, boxes_xyxy, click_arrays, next_click
-from students.export import load_sam
+from students.load import load_sam
 from teachers.preprocess import Preprocessed, load_image, preprocess
 
 DEFAULT_PROMPT_CHUNK = 16
@@ -48,7 +48,7 @@ class Model:
 
 
 def load_model(ckpt: str, device: str) -> Model:
-    """A `student.pt` or an official SAM checkpoint, through `students.export.load_sam`."""
+    """A `student.pt` or an official SAM checkpoint, through `students.load.load_sam`."""
     return Model(str(ckpt), SamPredictor(load_sam(ckpt, device=device)))
 
 

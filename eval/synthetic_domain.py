@@ -1,6 +1,6 @@
 """A synthetic camouflage domain with exact binary masks, for adaptation tests and the CPU demo.
 
-Written in the COD10K/CAMO layout that `eval.mask_data` reads::
+Written in the COD10K/CAMO layout that `teachers.mask_folders` reads::
 
     ROOT/{train,val}/images/{split}_{i:05d}.png     ROOT/{train,val}/masks/{split}_{i:05d}.png
     ROOT/domain.json                                 (the generator's parameters)
@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from eval.mask_data import list_pairs, load_pair
 from eval.synthetic import write_coco_json
+from teachers.mask_folders import list_pairs, load_pair
 
 # Periods (pixels per cycle) of the two textures' pass bands.
 BACKGROUND_PERIODS = (10.0, 20.0)
@@ -158,7 +158,7 @@ def domain_as_coco(root: str | Path, split: str, out: str | Path) -> Path:
     """Write split `split` of the domain at `root` as a COCO-format dataset under `out` (images in
     out/val2017, out/annotations/instances_val2017.json): one instance per image, its mask as RLE,
     its box the mask's tight box, one category "object". Images are copied unchanged; pairs are
-    read and checked by `eval.mask_data`. Returns the json path, which
+    read and checked by `teachers.mask_folders`. Returns the json path, which
     `teachers.cache.plan_cache` and `eval/coco.py` read like COCO's."""
     pairs = list_pairs(root, split)
     if not pairs:

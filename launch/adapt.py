@@ -30,11 +30,15 @@ def parser():
 def main(argv: list[str] | None = None, stop=None) -> int:
     """Parse, train; the exit code (`distill.jobs.run_job`: 0, 2 for a user mistake, 75 after
     saving on SIGUSR1/SIGTERM)."""
+    from functools import partial
+
     from distill.adapt import train
     from distill.config import AdaptConfig
     from distill.jobs import run_job
+    from eval.mask_metrics import iou_dice
 
-    return run_job(parser(), AdaptConfig, train, argv, stop)
+    # Evaluation's metrics score the validation: training is wired to them here, not in distill/.
+    return run_job(parser(), AdaptConfig, partial(train, scorer=iou_dice), argv, stop)
 
 
 if __name__ == "__main__":

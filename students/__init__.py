@@ -2,7 +2,8 @@
 
 ``build_student(name, **kwargs)`` builds a registered student (``list_students()`` names them;
 ``dfa_s`` is the default); every student maps ``[B, 3, S, S]`` to ``[B, 256, S/16, S/16]``.
-``load_sam(path)`` (from ``students.export``) rebuilds a full ``segment_anything`` ``Sam``.
+``load_sam(path)`` (from ``students.load``) rebuilds a full ``segment_anything`` ``Sam`` from a
+``student.pt``, an ``adapted.pt`` or an official SAM checkpoint.
 """
 
 from typing import Any
@@ -25,9 +26,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use: the export code depends on teachers/, the encoders do not.
+    # Imported on first use: the loader depends on teachers/, the encoders do not.
     if name == "load_sam":
-        from students.export import load_sam
+        from students.load import load_sam
 
         return load_sam
     raise AttributeError(f"module 'students' has no attribute {name!r}")

@@ -13,27 +13,26 @@
   state_dict      a full SAM state dict: the student under image_encoder.*, the teacher
                   checkpoint's prompt_encoder.* and mask_decoder.*
 
-From it `load_sam` rebuilds a `Sam` that `SamPredictor` and `SamAutomaticMaskGenerator` take
-unchanged. `load_sam` also reads `adapted.pt` exports and the official SAM checkpoints, so teachers and students share
-one code path in evaluation.
+From it `load_student` rebuilds a `Sam` that `SamPredictor` and `SamAutomaticMaskGenerator` take
+unchanged; `students.load.load_sam`, the one loader, dispatches a file to it (and `adapted.pt`
+exports and the official SAM checkpoints to theirs), so teachers and students share one code path
+in evaluation.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from segment_anything.modeling import Sam
 from torch import nn
 
 from students.registry import build_student
-from teachers.build import check_state_dict, sam_from_state, sam_heads
+from teachers.build import check_state_dict, sam_heads
 from teachers.preprocess import PIXEL_MEAN, PIXEL_STD
-from teachers.runtime.files import check_flat, safe_load, save_atomic
+from teachers.runtime.files import safe_load, save_atomic
 
 FORMAT = "sam-distill-student"
 FORMAT_VERSION = 1
-ADAPTED_FORMAT = "sam-distill-adapted"  # students.adapters.export.FORMAT
 
 
 def assemble_sam(
@@ -82,7 +81,8 @@ def save_student(
     return save_atomic(payload, path)
 
 
-def _load_student(payload: dict, source: str) -> Sam:
+def load_student(payload: dict, source: str) -> Sam:
+    """The `Sam` of a `student.pt` payload (read from `source`, named in errors)."""
     if payload.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{source}: student format version {payload.get('format_version')} is not {FORMAT_VERSION}"
@@ -96,23 +96,6 @@ def _load_student(payload: dict, source: str) -> Sam:
     check_state_dict(state, sam.state_dict(), f"student {spec['name']}", source)
     sam.load_state_dict(state, strict=True)
     return sam
-
-
-def load_sam(
-    path: str | Path, device: str | torch.device = "cpu", base: str | Path | None = None
-) -> Sam:
-    """A `Sam` in eval mode from a `student.pt`, an `adapted.pt` (`students.adapters.export`;
-    `base` overrides the base checkpoint path it records) or an official SAM checkpoint."""
-    payload = safe_load(path)
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        sam = _load_student(payload, str(path))
-    elif isinstance(payload, dict) and payload.get("format") == ADAPTED_FORMAT:
-        from students.adapters.export import load_adapted
-
-        sam = load_adapted(payload, str(path), base)
-    else:
-        sam = sam_from_state(None, check_flat(payload, path), str(path))
-    return sam.to(device).eval()
 
 
 def read_export_meta(path: str | Path) -> dict:

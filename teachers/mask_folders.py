@@ -22,6 +22,9 @@ from the annotation by `pycocotools.mask` (polygons merged, RLE decoded); crowd 
 instances are counted as skips (`crowd`, `small`). Such pairs need a ground-truth box prompt: an
 image holds several instances.
 
+`prompt_box` gives a sample's box prompt (the mask's box or the whole image), the one the adapt job
+trains and validates with and `eval/masks.py` scores with.
+
 Bad input is a named `MaskDataError` (a ValueError) with `on_bad="stop"`, or a skip counted in a
 `Skips` with its reason under `on_bad="skip"`. Image pixels are used as stored (the EXIF tag is
 ignored), like `teachers.preprocess.decode_image`, which reads them.
@@ -358,3 +361,12 @@ def full_image_box(hw: tuple[int, int]) -> list[float]:
     """Box prompt [0, 0, W, H] covering an image of size (H, W): the prompt-free setting."""
     h, w = hw
     return [0.0, 0.0, float(w), float(h)]
+
+
+def prompt_box(mask: np.ndarray, prompt: str) -> list[float]:
+    """The box prompt of a sample, in its image's pixels: `gt_box` (the mask's) or `full_box`."""
+    if prompt == "gt_box":
+        return mask_box(mask)
+    if prompt == "full_box":
+        return full_image_box(mask.shape)
+    raise ValueError(f"prompt {prompt!r}: choose full_box or gt_box")

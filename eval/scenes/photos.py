@@ -31,7 +31,7 @@ scenes changes no other. Speed, on one core of a busy 2-core machine, photograph
 
 `make_photo_coco` writes a split as a COCO dataset (train -> train2017/, held -> val2017/, which
 `eval/coco.py --coco-root ROOT` reads); `make_camouflage_domain` writes one-object scenes whose
-object is cut from its own background photograph in the layout `eval.mask_data` reads.
+object is cut from its own background photograph in the layout `teachers.mask_folders` reads.
 """
 
 from __future__ import annotations
@@ -427,7 +427,7 @@ def make_camouflage_domain(
 ) -> Path:
     """Write camouflage scenes of the held photographs (never seen by a model trained on the
     train split: a shifted domain) under `root` in `eval.synthetic_domain`'s layout, which
-    `eval.mask_data` reads, and return `root`::
+    `teachers.mask_folders` reads, and return `root`::
 
         ROOT/{train,val}/images/{split}_{i:05d}.jpg   ROOT/{train,val}/masks/{split}_{i:05d}.png
         ROOT/domain.json                              (the generator's parameters)

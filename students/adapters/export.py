@@ -15,9 +15,10 @@ One `torch.save`d dict that `torch.load(..., weights_only=True)` reads:
                   unchanged from the base (adapter parameters and buffers, the trained mask
                   decoder, merged qkv weights)
 
-`load_adapted` rebuilds the `Sam`: the base (a `student.pt` or an official SAM checkpoint, through
-`students.export.load_sam`), its sha256 checked against the record (a mismatch is refused naming
-both), the adapter attached as at training, then the delta loaded over it. The result has the
+`students.load.load_sam` rebuilds the `Sam`: the base (a `student.pt` or an official SAM
+checkpoint) that `base_path_of` names, its sha256 checked against the record (a mismatch is refused
+naming both), loaded through `load_sam` itself; then `load_adapted` attaches the adapter as at
+training and loads the delta over it. The result has the
 adapter inside `sam.image_encoder` and is a plain `segment_anything` `Sam` that `SamPredictor`
 takes unchanged.
 
@@ -35,10 +36,9 @@ import torch
 from segment_anything.modeling import Sam
 
 from students.adapters.base import WRAPPED, build_adapter
-from students.export import ADAPTED_FORMAT, load_sam
 from teachers.runtime.files import file_sha256, safe_load, save_atomic
 
-FORMAT = ADAPTED_FORMAT
+FORMAT = "sam-distill-adapted"
 FORMAT_VERSION = 1
 _WRAPPED_SEGMENT = re.compile(r"\.(?:" + "|".join(WRAPPED) + r")(?=\.)")
 
@@ -65,14 +65,15 @@ def save_adapted(
     sam: Sam,
     *,
     base_path: str | Path,
+    base_state: dict[str, torch.Tensor],
     method: str,
     adapter_kwargs: dict,
     merged: bool,
     step: int,
 ) -> Path:
-    """Write `adapted.pt` atomically: `sam` (adapted, or merged) as a delta over `base_path`."""
+    """Write `adapted.pt` atomically: `sam` (adapted, or merged) as a delta over `base_state`,
+    the state dict of the base `sam` was made from, loaded from `base_path`."""
     path = Path(path)
-    base_state = load_sam(base_path).state_dict()
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -93,17 +94,18 @@ def adapt_sam(sam: Sam, method: str, adapter_kwargs: dict) -> Sam:
     return sam
 
 
-def load_adapted(payload: dict, source: str, base: str | Path | None = None) -> Sam:
-    """The adapted `Sam` of an `adapted.pt` payload; `base` overrides the recorded base path."""
+def base_path_of(payload: dict, source: str, base: str | Path | None = None) -> Path:
+    """The base checkpoint of an `adapted.pt` payload, `base` overriding the recorded path; a
+    ValueError (or FileNotFoundError) when the payload is malformed, the base is not there, or its
+    sha256 is not the one the adapter was trained on."""
     if payload.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{source}: adapted format version {payload.get('format_version')} is not {FORMAT_VERSION}"
         )
-    try:
-        record, delta = payload["base"], payload["state_dict"]
-        method, kwargs, merged = payload["method"], payload["adapter_kwargs"], payload["merged"]
-    except KeyError as err:
-        raise ValueError(f"{source}: malformed adapted export (no {err})") from err
+    missing = [k for k in ("base", "state_dict", "method", "adapter_kwargs", "merged") if k not in payload]
+    if missing:
+        raise ValueError(f"{source}: malformed adapted export (no {missing[0]!r})")
+    record = payload["base"]
     base_path = Path(base if base is not None else record["path"])
     if not base_path.is_file():
         raise FileNotFoundError(
@@ -116,15 +118,21 @@ def load_adapted(payload: dict, source: str, base: str | Path | None = None) -> 
             f"{source} was trained on a base with sha256 {record['sha256']}, but {base_path} has "
             f"sha256 {found}: pass the base checkpoint the adapter was trained on"
         )
-    sam = load_sam(base_path)
+    return base_path
+
+
+def load_adapted(payload: dict, source: str, sam: Sam) -> Sam:
+    """The adapted `Sam` of an `adapted.pt` payload on its base `sam`, already loaded (in place;
+    `students.load.load_sam` loads the base from `base_path_of`)."""
+    delta, method = payload["state_dict"], payload["method"]
     base_keys = set(sam.state_dict())
-    if not merged:
-        adapt_sam(sam, method, kwargs)
+    if not payload["merged"]:
+        adapt_sam(sam, method, payload["adapter_kwargs"])
     missing, unexpected = sam.load_state_dict(delta, strict=False)
     not_from_base = [k for k in missing if base_key(k) not in base_keys]
     if unexpected or not_from_base:
         raise ValueError(
-            f"{source}: its weights do not fit method {method!r} on {base_path}: "
+            f"{source}: its weights do not fit method {method!r} on its base: "
             f"unexpected {sorted(unexpected)[:5]}, missing {sorted(not_from_base)[:5]}"
         )
     return sam.eval()

@@ -12,7 +12,7 @@ is its PEFT form for SAM, built from what is known:
   embedding grid, widths ``width/4, width/2, width, width``, GELU between (``prior=0`` drops it);
 * the encoder's tapped blocks ``F_vit``, the taps the distiller and the teacher cache use: SAM's
   global-attention blocks (``window_size == 0``; ViT-B 2, 5, 8, 11) and, for a DFA student, the
-  blocks ``distill.losses.student_taps_for`` pairs with them (``dfa_t`` 1, 2, 3, 5);
+  blocks ``students.taps.student_taps_for`` pairs with them (``dfa_t`` 1, 2, 3, 5);
 * the blocks are cascaded over the taps: the state starts as ``F_sp`` and, per tap ``k``,
   ``x = W_s x + W_t LN(F_vit_k)`` (a linear map of the concatenation ``[F_sp; F_vit]`` that the
   paper's Fig. 2a feeds to an MEA block, written as two matmuls so that no concatenated copy is
@@ -32,9 +32,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from distill.losses import student_taps_for
 from students.adapters.base import AdaptedEncoder, register_adapter
 from students.adapters.mea import MEABlock, NHWCConv2d
+from students.taps import student_taps_for
 from teachers.build import DEFAULT_TAPS, TEACHER_SIZES
 
 EMBED_CHANS = 256  # SAM's image embedding channels

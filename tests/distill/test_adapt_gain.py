@@ -21,6 +21,7 @@ import torch
 
 from distill.adapt import train
 from distill.config import ADAPT_METHODS, AdaptConfig
+from eval.mask_metrics import iou_dice
 from eval.synthetic_domain import make_domain
 from students import build_student
 from students.export import save_student
@@ -69,7 +70,7 @@ def test_each_method_raises_val_iou_and_decoder_does_not_collapse(setting, tmp_p
         progress=False,
         log_every=50,
     )
-    train(cfg)
+    train(cfg, scorer=iou_dice)
     before = json.loads((tmp_path / method / "val_before.json").read_text())
     with open(tmp_path / method / "log.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]

@@ -14,12 +14,12 @@ from distill.adapt_data import MaskTrainSet, SampleOrder
 from distill.config import ADAPT_METHODS, AdaptConfig
 from distill.engine import TorchEngine
 from distill.losses import bce_dice_loss, structure_loss
-from eval.mask_data import NonBinaryMaskError, list_pairs
 from eval.synthetic_domain import make_domain
 from students import load_sam
 from students.adapters import list_adapters
 from students.adapters.export import adapt_sam, delta_state, save_adapted
 from students.adapters.model import PromptedSam, predict_prob
+from teachers.mask_folders import NonBinaryMaskError, list_pairs
 from teachers.runtime.placement import DistEnv
 
 
@@ -184,6 +184,7 @@ def test_adapted_pt_round_trip_in_sam_predictor(tmp_path, tiny_ckpt, method):
         tmp_path / "adapted.pt",
         sam,
         base_path=tiny_ckpt,
+        base_state=load_sam(tiny_ckpt).state_dict(),
         method=method,
         adapter_kwargs=kwargs,
         merged=False,
@@ -213,6 +214,7 @@ def test_adapted_pt_refuses_a_base_with_another_sha256(tmp_path, tiny_ckpt, othe
         tmp_path / "a.pt",
         sam,
         base_path=tiny_ckpt,
+        base_state=load_sam(tiny_ckpt).state_dict(),
         method="lora",
         adapter_kwargs={},
         merged=False,
@@ -238,6 +240,7 @@ def test_merged_lora_exports_plain_qkv_weights(tmp_path, tiny_ckpt):
         tmp_path / "m.pt",
         sam,
         base_path=tiny_ckpt,
+        base_state=load_sam(tiny_ckpt).state_dict(),
         method="lora",
         adapter_kwargs={},
         merged=True,

@@ -17,7 +17,7 @@ from distill.engine import TorchEngine, build_engine, latest_tag
 from distill.schedule import dld_weights, lr_at, step_progress
 from distill.train import train
 from eval.synthetic import make_coco
-from students.export import load_sam
+from students.load import load_sam
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
 from teachers.runtime.placement import DistEnv

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.losses import TapProjections, masked_mse, pair_losses, student_taps_for, weighted_loss
+from distill.losses import TapProjections, masked_mse, pair_losses, weighted_loss
 from distill.schedule import DLD_MODES, dld_weights
 
 PROGRESS = np.linspace(0, 1, 101)
@@ -93,10 +93,3 @@ def test_pair_losses_and_weighting_with_projections():
     assert (
         proj.proj[0].weight.grad is None and proj.proj[1].weight.grad is not None
     )  # weight 0 left out
-
-
-def test_student_taps_follow_relative_depth():
-    assert student_taps_for([7, 15, 23, 31], 32, 8) == [1, 3, 5, 7]
-    assert student_taps_for([1, 3], 4, 6) == [2, 5]
-    with pytest.raises(ValueError, match="repeated student blocks"):
-        student_taps_for([7, 15, 23, 31], 32, 2)

@@ -19,7 +19,8 @@ from segment_anything import SamPredictor
 
 from distill.schedule import lr_at
 from eval.synthetic import make_coco
-from students.export import load_sam, read_export_meta
+from students.export import read_export_meta
+from students.load import load_sam
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
 from tests.conftest import REPO, killer_script, unplaced_env

@@ -46,7 +46,8 @@ def _adapted(base_path: Path, out: Path) -> Path:
             if "lora_B" in name:
                 param.copy_(0.05 * torch.randn(param.shape, generator=gen))
     kwargs = dict(method="lora", adapter_kwargs={}, merged=False, step=0)
-    return save_adapted(out, sam, base_path=base_path, **kwargs)
+    base_state = load_sam(base_path).state_dict()
+    return save_adapted(out, sam, base_path=base_path, base_state=base_state, **kwargs)
 
 
 @pytest.fixture(scope="module")

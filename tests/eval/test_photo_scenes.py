@@ -1,6 +1,6 @@
 """Photo scenes from scikit-image's bundled photographs: the split, determinism, sizes, exact
 labels with occlusion, and the COCO and camouflage-domain writers read back by pycocotools and
-eval.mask_data."""
+teachers.mask_folders."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from eval.mask_data import Skips, list_pairs, load_pair
 from eval.scenes.photos import (
     HELD_PHOTOS,
     MIN_VISIBLE,
@@ -34,6 +33,7 @@ from eval.scenes.photos import (
     scene,
 )
 from eval.scenes.shapes import SHAPES
+from teachers.mask_folders import Skips, list_pairs, load_pair
 
 NUM = 20  # scenes per split in the property tests
 
@@ -169,7 +169,7 @@ def test_make_photo_coco_annotations_decode_to_the_regenerated_labels(tmp_path: 
     assert record["val2017"]["photos"] == list(HELD_PHOTOS) and record["val2017"]["seed"] == 5
     assert record["train2017"]["split"] == "train"
     assert (tmp_path / "train2017" / "000000000001.jpg").is_file()
-    # eval.mask_data reads the root as COCO: one pair per instance of >= 64 pixels.
+    # teachers.mask_folders reads the root as COCO: one pair per instance of >= 64 pixels.
     areas = [a["area"] for a in coco.loadAnns(coco.getAnnIds())]
     skips = Skips()
     assert len(list_pairs(tmp_path, "val", on_bad="skip", skips=skips)) == sum(

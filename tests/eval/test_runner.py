@@ -23,7 +23,7 @@ from segment_anything import SamPredictor
 from eval.datasets import det_images, gt_images, load_coco
 from eval.prompts import Protocol, box_xyxy, click_arrays, next_click
 from eval.runner import Model, Task, image_records, load_item, load_model
-from students.export import load_sam
+from students.load import load_sam
 from teachers.preprocess import load_image
 
 TOL = 1e-5

@@ -22,7 +22,8 @@ import torch
 
 from eval.synthetic import make_coco
 from eval.synthetic_domain import make_domain
-from students.export import load_sam, read_export_meta
+from students.export import read_export_meta
+from students.load import load_sam
 from teachers.cache import plan_cache
 from tests.conftest import REPO
 from tests.launch.slurm_cluster import FINISHED

@@ -4,7 +4,8 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
 from students import build_student
-from students.export import assemble_sam, load_sam, read_export_meta, save_student
+from students.export import assemble_sam, read_export_meta, save_student
+from students.load import load_sam
 from students.onnx import check_onnx, export_onnx
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (96, 130, 3), dtype=np.uint8)

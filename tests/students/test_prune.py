@@ -11,7 +11,8 @@ import torch
 
 from students import build_student
 from students.encoder import DFABlock
-from students.export import load_sam, save_student
+from students.export import save_student
+from students.load import load_sam
 from students.prune import choose_heads, head_scores, prune_student, structure_params
 
 SIDE = 64

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from eval.synthetic import make_coco
-from students.export import load_sam, read_export_meta
+from students.export import read_export_meta
+from students.load import load_sam
 from teachers import load_teacher
 from teachers.build import random_vit_tiny
 from teachers.cache import plan_cache, write_cache

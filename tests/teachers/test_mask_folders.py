@@ -1,4 +1,4 @@
-"""The binary-mask folder reader (eval.mask_data) and the synthetic camouflage domain."""
+"""The binary-mask folder reader (teachers.mask_folders) and the synthetic camouflage domain."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_erosion
 
-from eval.mask_data import (
+from eval.prompts import box_xyxy
+from eval.synthetic_domain import domain_as_coco, domain_sample, make_domain
+from teachers.mask_folders import (
     DuplicateStemError,
     EmptyMaskError,
     MaskPair,
@@ -26,8 +28,6 @@ from eval.mask_data import (
     load_pair,
     mask_box,
 )
-from eval.prompts import box_xyxy
-from eval.synthetic_domain import domain_as_coco, domain_sample, make_domain
 
 
 def _disc(h: int, w: int) -> np.ndarray:
@@ -259,8 +259,8 @@ def test_make_domain_rejects_bad_arguments(tmp_path: Path) -> None:
 def test_coco_instances_are_a_second_source(tmp_path):
     from pycocotools.coco import COCO
 
-    from eval.mask_data import MIN_INSTANCE_AREA
     from eval.synthetic import make_coco
+    from teachers.mask_folders import MIN_INSTANCE_AREA
 
     ann_file = make_coco(tmp_path, split="train2017", num_images=6, seed=1)
     skips = Skips()
