@@ -9,7 +9,7 @@ prompt: a GT box with SAM's jitter (10 % of the box side, at most 20 px, from `s
 training recipe in the SAM paper, appendix A) or 1 to 3 clicks (the first inside the mask, the
 others positive inside the mask or negative inside the box). The loss follows SAM's: the
 single-mask output and the best of the three multimask outputs each get BCE + Dice against the
-instance (min over the three for the ambiguity they model), and the IoU head regresses the IoU
+instance (min over the three for the ambiguity they model), 20 x focal + Dice as in SAM, and the IoU head regresses the IoU
 each output actually reaches (MSE). Logits are compared at `loss_side` pixels, above the decoder's
 own 4x-upscaled grid, so thin parts count.
 
@@ -33,14 +33,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
+from torchvision.ops import sigmoid_focal_loss
 
 from distill.config import TrainConfig
 from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
 from distill.logs import RunProgress, StepLog, _save
+from teachers.build import build_sam_mini
 from teachers.preprocess import preprocess
 from teachers.runtime.files import save_atomic
 from teachers.runtime.preempt import StopRequest
-from teachers.sam_mini import SAM_MINI_IMG_SIZE, build_sam_mini
+from teachers.sam_mini import SAM_MINI_IMG_SIZE
 
 Scenes = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
 BOX, MAX_CLICKS = 0, 3
@@ -114,9 +116,15 @@ class PromptedTrainer(torch.nn.Module):
 
 
 def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output: BCE + Dice and the IoU reached. logits [..., L, L], target [..., L, L] in {0, 1}
-    -> (loss [...], iou [...])."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((-2, -1))
+    """Per output: SAM's mask loss, 20 x focal + Dice (the SAM paper, section 3: a 20:1 linear
+    combination; focal with alpha 0.25, gamma 2 from torchvision), and the IoU reached.
+    logits [..., L, L], target [..., L, L] in {0, 1} -> (loss [...], iou [...]).
+
+    The focal term matters: plain BCE over the whole image, where an object covers a few
+    percent, is first minimised by predicting background everywhere, and Dice alone pulls out of
+    that slowly; focal loss down-weights the easy background pixels."""
+    focal = sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="none")
+    focal = focal.mean((-2, -1))
     prob = logits.sigmoid()
     dice = 1 - (2 * (prob * target).sum((-2, -1)) + 1) / (
         prob.sum((-2, -1)) + target.sum((-2, -1)) + 1
@@ -124,7 +132,7 @@ def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     hard = (logits > 0).float()
     inter = (hard * target).sum((-2, -1))
     union = hard.sum((-2, -1)) + target.sum((-2, -1)) - inter
-    return bce + dice, inter / union.clamp(min=1)
+    return 20 * focal + dice, inter / union.clamp(min=1)
 
 
 def prompt_loss(logits, iou_pred, target, valid) -> dict[str, torch.Tensor]:
@@ -264,9 +272,10 @@ class ReferenceLoss:
 @torch.no_grad()
 def box_miou(model: PromptedTrainer, scenes: Scenes, num: int, img_size: int) -> dict[str, float]:
     """Box-prompted mIoU x 100 over the instances of held-out scenes 0..num-1 at the input
-    resolution (tight boxes, multimask, highest predicted IoU), and the box-fill baseline's."""
+    resolution (tight boxes, multimask, highest predicted IoU), with the single-mask output, and
+    the box-fill baseline's."""
     model.eval()
-    ious, fills = [], []
+    ious, singles, fills = [], [], []
     for index in range(VAL_OFFSET, VAL_OFFSET + num):
         image, labels = scenes("held", index)
         pre = preprocess(image, img_size)
@@ -288,8 +297,11 @@ def box_miou(model: PromptedTrainer, scenes: Scenes, num: int, img_size: int) ->
         pred = (
             F.interpolate(low[None], size=(img_size, img_size), mode="bilinear")[0, :, :h, :w] > 0
         )
-        for m, p, box in zip(masks, pred, boxes, strict=True):
+        single = F.interpolate(logits[0, :, 0][None], size=(img_size, img_size), mode="bilinear")
+        single = single[0, :, :h, :w] > 0
+        for m, p, one, box in zip(masks, pred, single, boxes, strict=True):
             ious.append(_iou(p, m))
+            singles.append(_iou(one, m))
             fill = torch.zeros_like(m)
             x0, y0, x1, y1 = box.int().tolist()
             fill[y0:y1, x0:x1] = True
@@ -297,6 +309,7 @@ def box_miou(model: PromptedTrainer, scenes: Scenes, num: int, img_size: int) ->
     model.train()
     return {
         "val_box_miou": 100 * float(np.mean(ious)),
+        "val_box_miou_single": 100 * float(np.mean(singles)),
         "val_box_fill_miou": 100 * float(np.mean(fills)),
     }
 
@@ -329,7 +342,7 @@ def train(cfg: ReferenceConfig, stop: StopRequest | None = None, *, scenes: Scen
     start, _, _ = engine.resume(ckpt_dir) if cfg.resume == "auto" else (0, None, None)
     batches = SceneBatches(scenes, cfg, engine, SAM_MINI_IMG_SIZE)
     columns = ["loss_total", "loss_mask", "loss_iou", "lr", "images_per_s", "num_bad"]
-    columns += ["val_box_miou", "val_box_fill_miou"]
+    columns += ["val_box_miou", "val_box_miou_single", "val_box_fill_miou"]
     progress = RunProgress(cfg, columns, start, env.rank)
     print(f"sam_mini: {sum(p.numel() for p in sam.parameters()):,} parameters", flush=True)
 
@@ -343,7 +356,10 @@ def train(cfg: ReferenceConfig, stop: StopRequest | None = None, *, scenes: Scen
         line = f"loss {losses['loss']:.4g} lr {engine.lr:.3g}"
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             values |= box_miou(model, scenes, cfg.val_scenes, SAM_MINI_IMG_SIZE)
-            line += f" val box mIoU {values['val_box_miou']:.1f} (box fill {values['val_box_fill_miou']:.1f})"
+            line += (
+                f" val box mIoU {values['val_box_miou']:.1f}, single mask "
+                f"{values['val_box_miou_single']:.1f} (box fill {values['val_box_fill_miou']:.1f})"
+            )
         progress.step(step + 1, values, line, loss=f"{losses['loss']:.4g}")
 
     engine.run(batches, ckpt_dir, start, record, also_close=(progress,))

@@ -31,6 +31,7 @@ from teachers.build import TEACHER_SIZES, random_vit_tiny, sam_from_state, sam_n
 from teachers.cache_read import CacheInfo, check_manifest, open_cache
 from teachers.runtime.files import file_sha256, read_checkpoint
 from teachers.runtime.preempt import StopRequest
+from teachers.sam_mini import shipped_weights
 
 
 class DistillModel(torch.nn.Module):
@@ -198,7 +199,7 @@ def open_streams(cfg: DistillConfig, cache: CacheInfo, engine: Engine, job, mine
 
 def teacher_heads(cfg: DistillConfig, cache: CacheInfo) -> Sam:
     """The teacher as a `Sam` for its prompt encoder and mask decoder: from the teacher
-    checkpoint, or the seeded random vit_tiny a demo cache was made with."""
+    checkpoint, the shipped sam_mini, or the seeded random vit_tiny a cache was made with."""
     sha = cache.teacher_sha256
     if cfg.teacher_ckpt is not None:
         # Mapped: the image encoder's weights (2.5 GB for ViT-H) are never read.
@@ -206,6 +207,14 @@ def teacher_heads(cfg: DistillConfig, cache: CacheInfo) -> Sam:
         return sam_from_state(cfg.teacher, state, cfg.teacher_ckpt)
     if cfg.teacher == "vit_tiny" and sha.startswith("random-seed-"):
         return random_vit_tiny(int(sha.rsplit("-", 1)[1]))
+    if cfg.teacher == "sam_mini":
+        path = shipped_weights()
+        if file_sha256(path) != sha:
+            raise ValueError(
+                f"the cache was made with other sam_mini weights (sha256 {sha}) than the shipped "
+                f"{path}: pass --teacher-ckpt with the file it was made with"
+            )
+        return sam_from_state("sam_mini", read_checkpoint(path), str(path))
     raise ValueError(
         "--teacher-ckpt is required for the teacher's prompt encoder and mask decoder "
         "(student.pt carries them; --phase decoder decodes with them)"

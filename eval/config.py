@@ -45,6 +45,9 @@ class EvalConfig:
     """Use SAM's single-mask output instead of multimask argmax (TinySAM's asterisk)."""
     no_crowd: bool = False
     """Drop `iscrowd=1` annotations."""
+    baseline: str | None = field(default=None, metadata={"choices": ("box",)})
+    """'box': also report the box-fill baseline (each GT box itself as the mask), what a
+    predictor that knows only the prompt scores; box prompts on GT only."""
     det_json: str | None = None
     """Detections (COCO results json, xywh boxes): mask AP of the masks their boxes prompt."""
     ap_keep_empty_gt: bool = False

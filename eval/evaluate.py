@@ -98,7 +98,7 @@ def evaluate_rank(
     models = [load_model(cfg.ckpt, device)]
     if cfg.compare_ckpt:
         models.append(load_model(cfg.compare_ckpt, device))
-    task = Task(cfg.prompt, cfg.num_clicks, cfg.task_protocol, cfg.prompt_chunk)
+    task = Task(cfg.prompt, cfg.num_clicks, cfg.task_protocol, cfg.prompt_chunk, cfg.baseline)
     hook = Overlays(cfg.vis, cfg.vis_limit, [m.name for m in models]) if cfg.vis else None
     records, num, start = [], 0, time.perf_counter()
     progress = cfg.progress and env.rank == 0  # one bar, not one per process

@@ -45,6 +45,8 @@ def gt_figures(records: Sequence[dict], points: bool) -> dict:
             **_miou_figures(records, "compare_iou", points),
             "agreement": _miou_figures(records, "agreement", points),
         }
+    if "baseline_iou" in records[0]:
+        figures["baseline_box"] = _miou_figures(records, "baseline_iou", False)
     return figures
 
 
@@ -122,5 +124,7 @@ def format_table(summary: dict) -> str:
     if "compare" in summary:
         lines += _miou_rows(other, summary["compare"])
         lines += _miou_rows("agreement", summary["compare"]["agreement"])
+    if "baseline_box" in summary:
+        lines += _miou_rows("box-fill baseline", summary["baseline_box"])
     lines.append(f"{'instances':<34}" + " ".join(f"{summary['count'][b]:6d}" for b in BUCKETS))
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 from segment_anything import SamPredictor
 from tqdm import tqdm
@@ -182,6 +183,19 @@ class Task:
     """Crowd, single/multimask and minimum-area switches."""
     prompt_chunk: int = DEFAULT_PROMPT_CHUNK
     """Prompts per decoder call."""
+    baseline: str | None = None
+    """'box': also score the box-fill baseline (each GT box itself as the mask)."""
+
+
+def box_fill_ious(
+    anns: Sequence[dict], gt_rles: Sequence[dict], hw: tuple[int, int]
+) -> list[float]:
+    """IoU with its GT mask of each annotation's box filled as a mask: what a predictor that
+    knows only the box scores (pycocotools rasterises the box)."""
+    h, w = hw
+    boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    fills = mask_utils.frPyObjects(boxes, h, w)  # an [N, 4] array is read as boxes
+    return [mask_iou(fill, gt) for fill, gt in zip(fills, gt_rles, strict=True)]
 
 
 def model_steps(model: Model, loaded: Loaded, task: Task) -> tuple[list[list[dict]], object]:
@@ -221,6 +235,10 @@ def image_records(models: Sequence[Model], loaded: Loaded, task: Task) -> tuple[
     outs = [model_steps(m, loaded, task) for m in models]
     steps = [o[0] for o in outs]
     item, records = loaded.item, []
+    fills = None
+    if task.baseline == "box" and not item.dets:
+        hw = tuple(int(v) for v in loaded.gt_rles[0]["size"]) if loaded.gt_rles else (0, 0)
+        fills = box_fill_ious(item.anns, loaded.gt_rles, hw) if item.anns else []
     for i in range(len(item.dets) if item.dets else len(item.anns)):
         if item.dets:
             index, det = item.dets[i]
@@ -234,6 +252,8 @@ def image_records(models: Sequence[Model], loaded: Loaded, task: Task) -> tuple[
             rec.update(iscrowd=ann.get("iscrowd", 0), iou=_step_ious(steps[0], i, loaded.gt_rles))
             if len(steps) > 1:
                 rec["compare_iou"] = _step_ious(steps[1], i, loaded.gt_rles)
+            if fills is not None:
+                rec["baseline_iou"] = [fills[i]] * len(steps[0])
         if len(steps) > 1:
             rec["agreement"] = _agreement(steps[0], steps[1], i)
         records.append(rec)

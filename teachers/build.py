@@ -2,7 +2,8 @@
 
 Official checkpoints (`sam_vit_h_4b8939.pth`, `sam_vit_l_0b3195.pth`, `sam_vit_b_01ec64.pth`) are
 flat state dicts with `image_encoder.*`, `prompt_encoder.*` and `mask_decoder.*` keys. `vit_tiny`
-is a small architecture with the same key layout, for tests and the CPU demo.
+is a small random-weight architecture with the same key layout, for fast tests; `sam_mini` is the
+reference teacher this project trains and ships (`teachers/sam_mini.py`).
 """
 
 from __future__ import annotations
@@ -23,17 +24,32 @@ from segment_anything.modeling import (
 
 from teachers.preprocess import PIXEL_MEAN, PIXEL_STD
 from teachers.runtime.files import read_checkpoint
+from teachers.sam_mini import (
+    SAM_MINI_DEPTH,
+    SAM_MINI_GLOBAL,
+    SAM_MINI_HEADS,
+    SAM_MINI_IMG_SIZE,
+    SAM_MINI_WIDTH,
+    SAM_MINI_WINDOW,
+)
 
-TEACHER_NAMES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
+TEACHER_NAMES = ("vit_h", "vit_l", "vit_b", "vit_tiny", "sam_mini")
 # SAM's global-attention blocks: the natural layer-wise distillation targets.
 DEFAULT_TAPS = {
     "vit_h": (7, 15, 23, 31),
     "vit_l": (5, 11, 17, 23),
     "vit_b": (2, 5, 8, 11),
     "vit_tiny": (1, 3),
+    "sam_mini": SAM_MINI_GLOBAL,
 }
 # (block width, depth) of each teacher's image encoder.
-TEACHER_SIZES = {"vit_h": (1280, 32), "vit_l": (1024, 24), "vit_b": (768, 12), "vit_tiny": (64, 4)}
+TEACHER_SIZES = {
+    "vit_h": (1280, 32),
+    "vit_l": (1024, 24),
+    "vit_b": (768, 12),
+    "vit_tiny": (64, 4),
+    "sam_mini": (SAM_MINI_WIDTH, SAM_MINI_DEPTH),
+}
 VIT_TINY_SEED = 0
 VIT_TINY_IMG_SIZE = 256
 
@@ -65,6 +81,31 @@ def build_vit_tiny(img_size: int = VIT_TINY_IMG_SIZE) -> Sam:
     )
 
 
+def build_sam_mini(img_size: int = SAM_MINI_IMG_SIZE) -> Sam:
+    """The reference teacher's architecture with fresh weights (sizes in `teachers.sam_mini`):
+    SAM's ViT with windowed and two global blocks, and SAM's own prompt encoder and decoder."""
+    if img_size % 16:
+        raise ValueError(f"sam_mini img_size must be a multiple of 16, got {img_size}")
+    encoder = ImageEncoderViT(
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=SAM_MINI_WIDTH,
+        depth=SAM_MINI_DEPTH,
+        num_heads=SAM_MINI_HEADS,
+        mlp_ratio=4.0,
+        out_chans=256,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        rel_pos_zero_init=True,
+        window_size=SAM_MINI_WINDOW,
+        global_attn_indexes=SAM_MINI_GLOBAL,
+    )
+    return Sam(
+        encoder, *sam_heads(img_size), pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD)
+    )
+
+
 def sam_heads(img_size: int = 1024) -> tuple[PromptEncoder, MaskDecoder]:
     """SAM's prompt encoder and mask decoder for `img_size` inputs, as `build_sam.py` makes them."""
     grid = img_size // 16
@@ -89,6 +130,7 @@ _BUILDERS: dict[str, Callable[[], Sam]] = {
     "vit_l": sam_model_registry["vit_l"],
     "vit_b": sam_model_registry["vit_b"],
     "vit_tiny": build_vit_tiny,
+    "sam_mini": build_sam_mini,
 }
 
 
@@ -172,6 +214,8 @@ def sam_from_state(name: str | None, state: dict[str, torch.Tensor], source: str
     with torch.device("meta"):
         sam = builder()
     check_state_dict(state, sam.state_dict(), f"SAM {name}", source)
+    # The shipped sam_mini stores fp16 tensors (half the bytes); every model here runs in fp32.
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     sam.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in the file: rebuild them on the CPU.
     sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)

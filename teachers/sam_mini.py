@@ -11,18 +11,12 @@ Sizes: a 512-px input at patch 16 (a 32 x 32 token grid, so a DFA student's loca
 tiles differ from global attention), width 128, 6 blocks, windowed attention (window 8) with two
 global blocks, as `segment_anything/build_sam.py` lays out ViT-B/L/H; the prompt encoder and the
 mask decoder are SAM's, unchanged. The shipped file stores its tensors in fp16 (half the bytes);
-loading casts them back to fp32.
+loading casts them back to fp32. The builder is `teachers.build.build_sam_mini`.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
-
-import torch
-from segment_anything.modeling import ImageEncoderViT, Sam
-
-from teachers.preprocess import PIXEL_MEAN, PIXEL_STD
 
 SAM_MINI_IMG_SIZE = 512
 SAM_MINI_WIDTH = 128
@@ -32,32 +26,6 @@ SAM_MINI_WINDOW = 8
 SAM_MINI_GLOBAL = (2, 5)
 # The shipped weights, beside this module so that an installed package carries them.
 SAM_MINI_PATH = Path(__file__).resolve().parent / "weights" / "sam_mini.pth"
-
-
-def build_sam_mini(img_size: int = SAM_MINI_IMG_SIZE) -> Sam:
-    """The `sam_mini` architecture with fresh weights (see the module docstring)."""
-    from teachers.build import sam_heads  # the heads every teacher shares
-
-    if img_size % 16:
-        raise ValueError(f"sam_mini img_size must be a multiple of 16, got {img_size}")
-    encoder = ImageEncoderViT(
-        img_size=img_size,
-        patch_size=16,
-        embed_dim=SAM_MINI_WIDTH,
-        depth=SAM_MINI_DEPTH,
-        num_heads=SAM_MINI_HEADS,
-        mlp_ratio=4.0,
-        out_chans=256,
-        qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        rel_pos_zero_init=True,
-        window_size=SAM_MINI_WINDOW,
-        global_attn_indexes=SAM_MINI_GLOBAL,
-    )
-    return Sam(
-        encoder, *sam_heads(img_size), pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD)
-    )
 
 
 def shipped_weights() -> Path:

@@ -108,8 +108,8 @@ def load_teacher(
     """Build a frozen teacher from an official SAM checkpoint.
 
     taps: block indices whose outputs are returned; None takes the teacher's global-attention
-    blocks (`DEFAULT_TAPS`), () none. `checkpoint` may be left out only for `vit_tiny`, which then
-    gets seeded random weights and says so on stderr.
+    blocks (`DEFAULT_TAPS`), () none. `checkpoint` may be left out for `sam_mini` (the shipped
+    reference teacher's weights) and for `vit_tiny` (seeded random weights); both say so on stderr.
     """
     if name not in TEACHER_NAMES:
         raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHER_NAMES)}")
@@ -117,6 +117,13 @@ def load_teacher(
         if dtype not in DTYPES:
             raise ValueError(f"unknown teacher dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if checkpoint is None and name == "sam_mini":
+        import sys
+
+        from teachers.sam_mini import shipped_weights
+
+        checkpoint = shipped_weights()
+        print(f"sam_mini: the shipped reference teacher {checkpoint}", file=sys.stderr)
     if checkpoint is None:
         if name != "vit_tiny":
             raise ValueError(

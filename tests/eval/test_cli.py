@@ -272,3 +272,34 @@ def test_two_processes_equal_one(
     proc = _cli("lvis", *[other if a == tiny_ckpt else a for a in args], "--out", out, "--merge")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "comes from another run" in err
+
+
+def test_box_fill_baseline_is_each_masks_share_of_its_box(
+    tmp_path: Path, tiny_ckpt: Path, capsys
+) -> None:
+    from eval.scenes.photos import make_photo_coco
+
+    root = tmp_path / "held"
+    make_photo_coco(root, "held", 3, seed=5, min_side=96, max_side=160)
+    out = tmp_path / "baseline.json"
+    assert (
+        _run("coco", "--ckpt", tiny_ckpt, "--coco-root", root, "--baseline", "box", "--out", out)
+        == 0
+    )
+    anns = {
+        a["id"]: a
+        for a in json.loads((root / "annotations" / "instances_val2017.json").read_text())[
+            "annotations"
+        ]
+    }
+    records = _instances(out)
+    # a visible mask lies inside its tight box, so the filled box's IoU is mask area / box area
+    for r in records:
+        a = anns[r["id"]]
+        assert r["baseline_iou"][0] == pytest.approx(
+            a["area"] / (a["bbox"][2] * a["bbox"][3]), abs=1e-6
+        )
+    summary = json.loads(out.read_text())
+    mean = 100 * sum(r["baseline_iou"][0] for r in records) / len(records)
+    assert summary["baseline_box"]["miou"]["all"] == pytest.approx(mean)
+    assert "box-fill baseline" in capsys.readouterr().out
