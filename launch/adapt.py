@@ -8,7 +8,7 @@ r"""Adapt a distilled student or a SAM model to a domain of binary masks (see di
 
 --data holds train/{images,masks} and val/{images,masks} (COD10K, CAMO, ISTD, Kvasir-SEG, ISIC
 after renaming). The base encoder stays frozen; the adapter and the mask decoder train, and
-OUT/adapted.pt loads with students.load_sam. SIGUSR1 or SIGTERM: save a checkpoint after the
+OUT/adapted.pt loads with students.load_sam. SIGUSR1, SIGTERM or Ctrl-C: save a checkpoint after the
 current step and exit 75 (requeue me); --resume auto continues there.
 """
 

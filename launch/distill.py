@@ -6,7 +6,7 @@ r"""Distill a SAM teacher's cached features into a student encoder (see distill/
     ... --config run.json                    # fields from a JSON file; explicit flags win
 
 The teacher's facts (teacher, taps, image size, codec) come from the cache's manifest.json; a
-flag that states one must agree with it. SIGUSR1 or SIGTERM: save a checkpoint after the current
+flag that states one must agree with it. SIGUSR1, SIGTERM or Ctrl-C: save a checkpoint after the current
 step and exit 75 (requeue me); --resume auto continues there.
 """
 

@@ -6,7 +6,7 @@ r"""Train the reference teacher `sam_mini` on scenes made from scikit-image's ph
 The shipped teachers/weights/sam_mini.pth was made with the defaults (see teachers/README.md for
 its command, machine and curve). Scenes come from `eval.scenes.photos.scene` (training split;
 validation on the held-out split, whose photographs training never sees); the job is
-`distill/reference.py`. SIGUSR1 or SIGTERM: save a checkpoint after the current step and exit 75;
+`distill/reference.py`. SIGUSR1, SIGTERM or Ctrl-C: save a checkpoint after the current step and exit 75;
 --resume auto continues there.
 """
 

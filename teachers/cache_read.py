@@ -122,6 +122,27 @@ def shard_paths(cache_dir: str | Path, manifest: dict) -> list[str]:
     return [str(Path(cache_dir) / s["name"]) for s in manifest["shards"]]
 
 
+def check_shards_present(cache_dir: Path, manifest: dict, chosen: list[str]) -> None:
+    """Every shard of `chosen` that the manifest lists exists with its recorded size: a complete
+    manifest is a promise, and a run on a cache that lost a shard would otherwise train on the
+    rest in silence. A ValueError names the first shard that is missing or cut, and the fix."""
+    listed = {s["name"]: s for s in manifest.get("shards", [])}
+    for path in map(Path, chosen):
+        entry = listed.get(path.name)
+        if entry is None:
+            continue
+        if not path.is_file():
+            problem = "is missing"
+        elif "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            problem = f"has {path.stat().st_size} bytes, the manifest {entry['bytes']}"
+        else:
+            continue
+        raise ValueError(
+            f"{path} {problem} (listed in {cache_dir / MANIFEST}): restore it, or rerun "
+            "launch/cache_teacher.py with the same flags, which rebuilds it"
+        )
+
+
 @dataclass(frozen=True)
 class CacheInfo:
     """A cache's shards and the teacher's facts its manifest records.
@@ -162,12 +183,14 @@ def open_cache(spec: str | Path) -> CacheInfo:
         folder = paths[0]
         manifest = load_manifest(folder)
         shards = shard_paths(folder, manifest)
+        check_shards_present(folder, manifest, shards)
     else:
         shards = [str(p) for p in paths if p.suffix == ".tar" and p.is_file()]
         if not shards:
             raise ValueError(f"--shards {str(spec)!r} matched no shard files")
         folder = Path(shards[0]).parent
         manifest = load_manifest(folder)
+        check_shards_present(folder, manifest, shards)
     try:
         return CacheInfo(
             folder=folder,

@@ -138,7 +138,9 @@ def read_part(out: Path, index: int) -> dict | None:
 
 def _entries(out: Path, num_shards: int) -> list[dict]:
     parts = (read_part(out, i) for i in range(num_shards))
-    return [{k: p[k] for k in ("name", "num_samples", "sha256")} for p in parts if p]
+    # "bytes" lets a reader find a missing or cut shard without hashing it (older parts lack it)
+    fields = ("name", "num_samples", "sha256", "bytes")
+    return [{k: p[k] for k in fields if k in p} for p in parts if p]
 
 
 def merge_manifest(out: Path, run: CacheRun, num_shards: int) -> dict:
@@ -171,7 +173,13 @@ def tar_keys(path: Path) -> list[str]:
 
 def shard_record(path: Path, keys: list[str]) -> dict:
     """The manifest part of a finished shard file."""
-    return {"name": path.name, "num_samples": len(keys), "sha256": file_sha256(path), "keys": keys}
+    return {
+        "name": path.name,
+        "num_samples": len(keys),
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+        "keys": keys,
+    }
 
 
 def repair_cache(out: str | Path) -> dict[str, str]:

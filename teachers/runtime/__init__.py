@@ -3,7 +3,7 @@
 It knows nothing of teachers, students or training and imports nothing of the project:
 
 * `placement`: rank, world size, local GPU and CPU threads, read once from the environment;
-* `preempt`: save and leave on SIGUSR1/SIGTERM (`StopRequest`, `Preempted`, `REQUEUE_EXIT`);
+* `preempt`: save and leave on SIGUSR1/SIGTERM/SIGINT (`StopRequest`, `Preempted`, `REQUEUE_EXIT`);
 * `exits`: the one guard that turns a user mistake into one line and exit status 2;
 * `flags`: command-line flags made from a config dataclass;
 * `files`: `torch.load` with `weights_only=True` and errors that name the file, sha256, and

@@ -19,6 +19,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -38,6 +39,18 @@ def ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from err
+
+
+def finite(text: str) -> float:
+    """A float flag: 'nan' and 'inf' parse as floats but no setting means them, and they pass
+    every range check (nan <= 0 is False), so they are refused here, by name, for every flag."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def strs(text: str) -> tuple[str, ...]:
@@ -83,7 +96,9 @@ def _parse_type(hint: Any) -> Callable[[str], Any]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         assert len(args) == 1, f"only `X | None` unions make flags, got {hint}"
         hint = args[0]
-    if hint in (int, float, str):
+    if hint is float:
+        return finite
+    if hint in (int, str):
         return hint
     if typing.get_origin(hint) is tuple and typing.get_args(hint) == (int, ...):
         return ints

@@ -1,4 +1,5 @@
-"""Save and leave on a signal: SLURM's time-limit warning (`SIGUSR1`) and preemption (`SIGTERM`).
+"""Save and leave on a signal: SLURM's time-limit warning (`SIGUSR1`), preemption (`SIGTERM`)
+and Ctrl-C (`SIGINT`, which does what SIGTERM does; a second Ctrl-C leaves at once).
 
 A job holds a `StopRequest` while it runs. The handler only records that a signal came, so a
 second signal while the job is saving does nothing but record again; the job looks at the
@@ -22,7 +23,8 @@ REQUEUE_EXIT = 75
 """Exit status of a job that saved its progress on a signal and wants to be requeued
 (`EX_TEMPFAIL` of sysexits.h: a temporary failure, try again)."""
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+LEAVE_NOW_EXIT = 130  # the shell's status for a process ended by SIGINT
 
 
 class Preempted(Exception):  # noqa: N818 (an outcome, not an error)
@@ -33,7 +35,9 @@ class Preempted(Exception):  # noqa: N818 (an outcome, not an error)
 
 
 class StopRequest:
-    """Records `SIGUSR1` and `SIGTERM` while listening; `.signal` names the first one received.
+    """Records `SIGUSR1`, `SIGTERM` and `SIGINT` while listening; `.signal` names the first one
+    received. A `SIGINT` after a stop request (Ctrl-C twice) exits at once with status 130: what the job wrote
+    is safe (every file appears by atomic rename), only the step in progress is lost.
 
     Use as `stop = StopRequest().listen()` (until `close()`) or as a `with` block. Handlers are
     installed in the main thread only (Python's rule); the previous handlers come back on close.
@@ -65,6 +69,9 @@ class StopRequest:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if name == "SIGINT" and self.signal is not None:
+            print(f"pid {os.getpid()}: second SIGINT: leaving now", file=sys.stderr, flush=True)
+            raise SystemExit(LEAVE_NOW_EXIT)
         if self.signal is None:
             print(
                 f"pid {os.getpid()}: {name} received: saving at the next safe point, then leaving",
