@@ -26,8 +26,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from eval.synthetic import make_coco  # noqa: E402
-from eval.synthetic_domain import make_domain  # noqa: E402
+from eval.scenes.domain import make_domain  # noqa: E402
+from eval.scenes.synthetic import make_coco  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 from teachers.build import random_vit_tiny  # noqa: E402
 from teachers.cache import plan_cache, write_cache  # noqa: E402
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("6. speed table (1024 x 1024, CPU, random weights)")
     run_script(
-        "eval/speed.py",
+        "launch/bench/speed.py",
         "--models",
         args.speed_models,
         "--baseline",
@@ -262,7 +262,7 @@ def phase_two_line(out: Path, args, figures: dict, aligned: dict) -> str:
     return (
         f"teacher agreement {before:.1f} (phase 1) -> {after:.1f} mIoU after {args.phase2_steps} "
         f"phase-2 steps, same {figures['num_instances']} box prompts (the random demo teacher is "
-        f"unsure everywhere, so expect no gain here; launch/bench_phase2_gain.py measures one "
+        f"unsure everywhere, so expect no gain here; launch/bench/phase2_gain.py measures one "
         f"with a trained teacher; {out / 'eval_phase2.json'})"
     )
 

@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 SCRIPTS = sorted(
     p.relative_to(REPO)
-    for d in ("launch", "eval")
+    for d in ("launch", "launch/bench", "eval")
     for p in (REPO / d).glob("*.py")
     if not p.name.startswith("_")
     and p.name != "__init__.py"

@@ -8,7 +8,7 @@ import pytest
 
 from eval.cli import main as eval_main
 from eval.masks import main as masks_main
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from launch.adapt import main as adapt_main
 from launch.distill import main as distill_main
 from teachers.cache_cli import main as cache_main

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from eval.speedbench import count_gflops
+from launch.bench.speed import count_gflops
 from students import build_student, list_students
 from tests.conftest import REPO
 

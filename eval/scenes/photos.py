@@ -49,7 +49,7 @@ from skimage import data
 from tqdm import tqdm
 
 from eval.scenes.shapes import SHAPES
-from eval.synthetic import write_coco_json
+from eval.scenes.synthetic import write_coco_json
 
 TRAIN_PHOTOS = (
     "astronaut",
@@ -328,7 +328,7 @@ def camouflage_scene(
 
 def _annotation(mask: np.ndarray, category_id: int, ann_id: int, image_id: int) -> dict:
     """COCO annotation of an [H, W] bool visible mask: compressed RLE, area and tight bbox
-    [x, y, w, h] from pycocotools, as `eval.synthetic` writes an occluded instance."""
+    [x, y, w, h] from pycocotools, as `eval.scenes.synthetic` writes an occluded instance."""
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
     return dict(
         id=ann_id,
@@ -426,7 +426,7 @@ def make_camouflage_domain(
     image_suffix: str = ".jpg",
 ) -> Path:
     """Write camouflage scenes of the held photographs (never seen by a model trained on the
-    train split: a shifted domain) under `root` in `eval.synthetic_domain`'s layout, which
+    train split: a shifted domain) under `root` in `eval.scenes.domain`'s layout, which
     `teachers.mask_folders` reads, and return `root`::
 
         ROOT/{train,val}/images/{split}_{i:05d}.jpg   ROOT/{train,val}/masks/{split}_{i:05d}.png

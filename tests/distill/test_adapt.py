@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from segment_anything import SamPredictor
 
-from eval.synthetic_domain import make_domain
+from eval.scenes.domain import make_domain
 from students import load_sam
 from students.adapters import list_adapters
 from students.adapters.export import read_adapted_meta
@@ -223,7 +223,7 @@ def test_bad_training_input_is_counted_or_stops_naming_the_file(domain, tiny_ckp
 
 
 def test_adapt_trains_on_coco_instances_with_gt_boxes(tiny_ckpt, tmp_path):
-    from eval.synthetic import make_coco
+    from eval.scenes.synthetic import make_coco
 
     make_coco(tmp_path / "coco", split="train2017", num_images=4, seed=1)
     make_coco(tmp_path / "coco", split="val2017", num_images=2, seed=2)

@@ -22,7 +22,7 @@ import torch
 from distill.adapt import train
 from distill.config import ADAPT_METHODS, AdaptConfig
 from eval.mask_metrics import iou_dice
-from eval.synthetic_domain import make_domain
+from eval.scenes.domain import make_domain
 from students import build_student
 from students.export import save_student
 from teachers.build import random_vit_tiny

@@ -14,7 +14,7 @@ from distill.adapt_data import MaskTrainSet, SampleOrder
 from distill.config import ADAPT_METHODS, AdaptConfig
 from distill.engine import TorchEngine
 from distill.losses import bce_dice_loss, structure_loss
-from eval.synthetic_domain import make_domain
+from eval.scenes.domain import make_domain
 from students import load_sam
 from students.adapters import list_adapters
 from students.adapters.export import adapt_sam, delta_state, save_adapted

@@ -16,7 +16,7 @@ from distill.config import DistillConfig, TrainConfig
 from distill.engine import TorchEngine, build_engine, latest_tag
 from distill.schedule import dld_weights, lr_at, step_progress
 from distill.train import train
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from students.load import load_sam
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache

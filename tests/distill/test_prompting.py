@@ -11,7 +11,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from distill.align import AlignLoss
 from distill.prompting import BOX, NONE, POINT, decode, refine_clicks, sample_prompts
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from teachers import load_teacher
 from teachers.build import random_vit_tiny
 from teachers.cache import plan_cache, write_cache

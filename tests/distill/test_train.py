@@ -18,7 +18,7 @@ import webdataset as wds
 from segment_anything import SamPredictor
 
 from distill.schedule import lr_at
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from students.export import read_export_meta
 from students.load import load_sam
 from teachers import load_teacher

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.synthetic import make_coco, make_lvis
+from eval.scenes.synthetic import make_coco, make_lvis
 from teachers.build import random_vit_tiny
 
 
 @pytest.fixture(scope="session")
 def eval_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A COCO root with 8 generated images (see eval.synthetic for the special cases)."""
+    """A COCO root with 8 generated images (see eval.scenes.synthetic for the special cases)."""
     root = tmp_path_factory.mktemp("evaldata") / "coco"
     make_coco(root)
     return root

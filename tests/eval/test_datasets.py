@@ -22,7 +22,7 @@ from eval.datasets import (
 )
 from eval.prompts import Protocol
 from eval.runner import load_item
-from eval.synthetic import EXIF_ORIENTATION, instance_masks
+from eval.scenes.synthetic import EXIF_ORIENTATION, instance_masks
 
 
 def _coco_json(root: Path) -> Path:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from eval.masks import main
-from eval.synthetic_domain import make_domain
+from eval.scenes.domain import make_domain
 from students import load_sam
 from students.adapters.export import adapt_sam, save_adapted
 from students.adapters.model import PromptedSam, predict_prob

@@ -18,7 +18,7 @@ from eval.metrics import (
     mask_iou,
     miou_by_area,
 )
-from eval.synthetic import instance_masks
+from eval.scenes.synthetic import instance_masks
 
 
 def _rle(mask: np.ndarray) -> dict:

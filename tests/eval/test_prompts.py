@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eval.prompts import Click, Protocol, box_xyxy, boxes_xyxy, click_arrays, next_click
-from eval.synthetic import scene
+from eval.scenes.synthetic import scene
 
 
 def test_box_xyxy_is_unclipped_and_unrounded() -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.synthetic import make_coco
-from eval.synthetic_domain import make_domain
+from eval.scenes.domain import make_domain
+from eval.scenes.synthetic import make_coco
 from students.export import read_export_meta
 from students.load import load_sam
 from teachers.cache import plan_cache

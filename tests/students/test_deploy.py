@@ -138,7 +138,7 @@ def test_export_flags_are_checked(student_pt, tmp_path, capsys):
 def distilled(tmp_path_factory):
     """A dfa_t distilled 40 steps from a vit_tiny cache of 8 generated images, the cache, and 6
     generated images of another seed to score on."""
-    from eval.synthetic import make_coco
+    from eval.scenes.synthetic import make_coco
     from teachers import load_teacher
     from teachers.cache import plan_cache, write_cache
     from teachers.preprocess import load_image

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from students.export import read_export_meta
 from students.load import load_sam
 from teachers import load_teacher

@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 
 import teachers.cache as cache_module
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from teachers import codecs, load_teacher, preprocess
 from teachers.cache import channel_axis, plan_cache, write_cache
 from teachers.cache_read import check_manifest, load_manifest, read_cache, verify_cache

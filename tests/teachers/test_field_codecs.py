@@ -6,7 +6,7 @@ import json
 import pytest
 import webdataset as wds
 
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from launch.distill import main as distill_main
 from teachers import DEFAULT_TAPS, codecs, load_teacher, preprocess
 from teachers.build import TEACHER_SIZES

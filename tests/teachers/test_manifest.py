@@ -14,7 +14,7 @@ from dataclasses import asdict
 import pytest
 
 import teachers.manifest as manifest_module
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
 from teachers.cache_read import load_manifest, read_cache, verify_cache

@@ -11,7 +11,7 @@ from PIL import Image
 from scipy.ndimage import binary_erosion
 
 from eval.prompts import box_xyxy
-from eval.synthetic_domain import domain_as_coco, domain_sample, make_domain
+from eval.scenes.domain import domain_as_coco, domain_sample, make_domain
 from teachers.mask_folders import (
     DuplicateStemError,
     EmptyMaskError,
@@ -259,7 +259,7 @@ def test_make_domain_rejects_bad_arguments(tmp_path: Path) -> None:
 def test_coco_instances_are_a_second_source(tmp_path):
     from pycocotools.coco import COCO
 
-    from eval.synthetic import make_coco
+    from eval.scenes.synthetic import make_coco
     from teachers.mask_folders import MIN_INSTANCE_AREA
 
     ann_file = make_coco(tmp_path, split="train2017", num_images=6, seed=1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eval.cli import main as eval_main
-from eval.synthetic import make_coco
+from eval.scenes.synthetic import make_coco
 from teachers.cache_cli import main as cache_main
 from teachers.runtime.placement import cpu_threads_per_process
 

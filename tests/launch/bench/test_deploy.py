@@ -1,4 +1,4 @@
-"""eval/bench_deploy.py in one tiny run: every variant's row, the fp32 reference, real figures."""
+"""launch/bench/deploy.py in one tiny run: every variant's row, the fp32 reference, real figures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from eval import bench_deploy
+from launch.bench import deploy as bench_deploy
 from students import build_student
 from students.export import save_student
 

@@ -1,8 +1,14 @@
-"""Training throughput from the cache against computing the teacher online, side by side.
+r"""Training throughput from the cache against computing the teacher online, side by side.
 
-One run measures, on the same generated images, student and batch size:
+    python launch/bench/distill_throughput.py [--teacher vit_tiny|vit_b|vit_h] [--student dfa_s] \
+        [--batch-size 4] [--out runs/bench_distill]
+
+Generates COCO-format images (`eval.scenes.synthetic`) in OUT/coco, caches a random-weight
+teacher's features from them under OUT/cache, prints the throughput table and writes
+OUT/results.json. One run measures, on the same generated images, student and batch size:
   loader        the cache pipeline alone (shard read, feature decode, image decode + preprocess)
-  step          the student step alone on a batch already in memory (forward, losses, backward, AdamW)
+  step          the student step alone on a batch already in memory (forward, losses, backward,
+                AdamW)
   from cache    loader + step: what distillation from the cache runs at
   online        image decode + preprocess + teacher forward + step: distillation without a cache
 The teacher has random weights (timings do not depend on weights). Every step is the training
@@ -10,31 +16,34 @@ engine's `step` (`distill.engine`, its plain-PyTorch variant: the DeepSpeed one 
 per-step overhead to both set-ups), with the distillation loss of `distill.train`.
 """
 
-from __future__ import annotations
-
-import argparse
-import statistics
-import time
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
-import torch
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path.insert(0, str(_here.parents[1]))
 
-from distill.config import DistillConfig
-from distill.data import DataSpec, StreamLayout, make_loader
-from distill.engine import build_engine
-from distill.train import DistillLoss, DistillModel
-from students import build_student
-from students.taps import student_taps_for
-from teachers.build import TEACHER_SIZES, build_vit_tiny, sam_model_registry
-from teachers.cache import plan_cache, write_cache
-from teachers.cache_read import open_cache
-from teachers.preprocess import decode_image, preprocess, valid_mask
-from teachers.runtime.flags import add_config_flags
-from teachers.runtime.placement import DistEnv
-from teachers.runtime.preempt import stop_workers
-from teachers.sources import list_sources, read_item
-from teachers.teacher import Teacher
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+from distill.config import DistillConfig  # noqa: E402
+from distill.data import DataSpec, StreamLayout, make_loader  # noqa: E402
+from distill.engine import build_engine  # noqa: E402
+from distill.train import DistillLoss, DistillModel  # noqa: E402
+from eval.scenes.synthetic import make_coco  # noqa: E402
+from launch.bench.common import interleaved, write_results  # noqa: E402
+from students import build_student  # noqa: E402
+from students.taps import student_taps_for  # noqa: E402
+from teachers.build import TEACHER_SIZES, build_vit_tiny, sam_model_registry  # noqa: E402
+from teachers.cache import plan_cache, write_cache  # noqa: E402
+from teachers.cache_read import open_cache  # noqa: E402
+from teachers.preprocess import decode_image, preprocess, valid_mask  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
+from teachers.runtime.placement import DistEnv  # noqa: E402
+from teachers.runtime.preempt import stop_workers  # noqa: E402
+from teachers.sources import list_sources, read_item  # noqa: E402
+from teachers.teacher import Teacher  # noqa: E402
 
 
 @dataclass
@@ -52,7 +61,7 @@ class BenchConfig:
     workers: int = 2
     """Loader workers for the cache pipeline."""
     out: str = "runs/bench_distill"
-    """Scratch folder for the generated images and the cache."""
+    """Folder for the generated images, the cache and results.json."""
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHER_SIZES:
@@ -74,19 +83,6 @@ def random_teacher(name: str) -> Teacher:
         [depth // 4 * i - 1 for i in range(1, 5)] if depth >= 8 else [1, 3],
         checkpoint_sha256="random",
     )
-
-
-def _interleaved(setups: dict, steps: int) -> dict[str, float]:
-    """Median seconds per call of each set-up, timed in turns so that load changes on a shared
-    machine hit every set-up alike; one untimed warm-up round first."""
-    times: dict[str, list[float]] = {name: [] for name in setups}
-    for round_ in range(steps + 1):
-        for name, fn in setups.items():
-            tic = time.perf_counter()
-            fn()
-            if round_:
-                times[name].append(time.perf_counter() - tic)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def prepare(cfg: BenchConfig, images: str, teacher: Teacher) -> str:
@@ -134,7 +130,7 @@ def run(cfg: BenchConfig, images: str, teacher: Teacher) -> list[tuple[str, floa
         }
         engine.step(iter([batch]))
 
-    per_step = _interleaved(
+    per_step = interleaved(
         {
             "loader": lambda: next(loader),
             "step": lambda: engine.step(iter([fixed])),
@@ -142,17 +138,9 @@ def run(cfg: BenchConfig, images: str, teacher: Teacher) -> list[tuple[str, floa
             "online teacher": online,
         },
         cfg.steps,
-    )
+    )  # one untimed warm-up round first
     stop_workers(loader)
     return [(name, cfg.batch_size / seconds) for name, seconds in per_step.items()]
-
-
-def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_flags(p, BenchConfig)
-    return BenchConfig(**vars(p.parse_args(argv)))
 
 
 def report(cfg: BenchConfig, rates: dict[str, float]) -> None:
@@ -164,3 +152,24 @@ def report(cfg: BenchConfig, rates: dict[str, float]) -> None:
         "(above 1: the loader keeps up with training)"
     )
     print(f"from cache / online teacher: {rates['from cache'] / rates['online teacher']:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(BenchConfig, argv, __doc__)
+    teacher = random_teacher(cfg.teacher)
+    size = teacher.img_size
+    images = Path(cfg.out) / "coco"
+    make_coco(images, num_images=cfg.batch_size * 4, seed=0, min_side=size // 2, max_side=size)
+    print(
+        f"teacher {cfg.teacher} (random weights), student {cfg.student}, batch {cfg.batch_size}, "
+        f"{torch.get_num_threads()} threads, {cfg.workers} loader workers"
+    )
+    rates = dict(run(cfg, str(images), teacher))
+    report(cfg, rates)
+    figures = {"images_per_s": rates}
+    write_results(Path(cfg.out) / "results.json", figures, cfg, script=__file__, argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""eval/bench_adapt.py's measurements on tiny encoders, its ratio logic, and its entry point."""
+"""launch/bench/adapt.py's measurements on tiny encoders, its ratio logic, and its entry point."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.bench_adapt import cad_choice, main, measure_config, summary_ratios, sweep_cad
+from launch.bench.adapt import cad_choice, main, measure_config, summary_ratios, sweep_cad
 from students import build_student
 from teachers.build import random_vit_tiny
 

@@ -1,9 +1,9 @@
-"""META's own claim, block against block: an MEA block launches fewer memory-access kernels
+r"""META's own claim, block against block: an MEA block launches fewer memory-access kernels
 (normalisations, reshapes and copies) than a ViT block of the same width and parameter count,
 and so runs faster (Zhang et al., ICLR 2025, arXiv 2502.01962; ``reference/adapters.md`` s. 3).
 
-python eval/bench_meta.py [--width 256] [--heads 4] [--grid 64] [--batches 1,8] [--repeats 5]
-    [--stripe 2] [--window 14] [--device cpu|cuda] [--out runs/bench_meta.json]
+    python launch/bench/meta.py [--width 256] [--heads 4] [--grid 64] [--batches 1,8] \
+        [--repeats 5] [--stripe 2] [--window 14] [--device cpu|cuda] [--out runs/bench_meta.json]
 
 Blocks, all on ``[B, grid, grid, width]`` tokens, random weights, fp32, eval mode, in one run:
 
@@ -31,12 +31,12 @@ from pathlib import Path
 
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-sys.path.insert(0, str(_here.parent))
+sys.path.insert(0, str(_here.parents[1]))
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -45,13 +45,52 @@ from torch import Tensor, nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from eval.bench_adapt import latency_ms, machine_info  # noqa: E402
+from launch.bench.common import (  # noqa: E402
+    DEVICES,
+    check_device,
+    default_device,
+    latency_ms,
+    machine_info,
+    write_results,
+)
 from students.adapters.mea import MEABlock  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
 
 NORMS = ("aten::native_layer_norm", "aten::native_group_norm", "aten::native_batch_norm")
 COPIES = ("aten::copy_", "aten::cat", "aten::fill_")
 VIEWS = ("aten::reshape", "aten::view", "aten::permute", "aten::transpose", "aten::_unsafe_view")
 INSIDE_MATMUL = ("aten::addmm",)
+
+
+@dataclass
+class MetaBenchConfig:
+    """One run of the block benchmark."""
+
+    width: int = 256
+    """Token width of every block."""
+    heads: int = 4
+    """Attention heads (even, for MEA)."""
+    grid: int = 64
+    """Token grid side (64: SAM at 1024 px)."""
+    batches: tuple[int, ...] = (1, 8)
+    """Batch sizes, comma-separated."""
+    repeats: int = 5
+    """Timed runs per block (median)."""
+    stripe: int = 2
+    """MEA stripe width (meta's default)."""
+    window: int = 14
+    """ViT window side (SAM's)."""
+    device: str = field(default_factory=default_device, metadata={"choices": DEVICES})
+    """Device to measure on."""
+    out: str = "runs/bench_meta.json"
+    """Results JSON: every figure, the command, the machine and the date."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or not self.batches or min(self.batches) < 1:
+            raise ValueError("--repeats and every --batches entry must be at least 1")
+        if self.heads < 2 or self.heads % 2 or self.width % self.heads:
+            raise ValueError(f"--heads {self.heads}: must be even and divide --width {self.width}")
+        check_device(self.device)
 
 
 class SdpaAttention(Attention):
@@ -149,19 +188,19 @@ def gflops(block: nn.Module, x: Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(cfg: MetaBenchConfig) -> list[dict]:
     """One row per (block, batch): see the module docstring."""
     torch.manual_seed(0)
-    blocks = build_blocks(args.width, args.heads, args.stripe, args.window)
-    blocks = {name: b.to(args.device).eval() for name, b in blocks.items()}
+    blocks = build_blocks(cfg.width, cfg.heads, cfg.stripe, cfg.window)
+    blocks = {name: b.to(cfg.device).eval() for name, b in blocks.items()}
     rows = []
-    for batch in args.batches:
-        x = torch.randn(batch, args.grid, args.grid, args.width, device=args.device)
-        latency = latency_ms(blocks, x, args.repeats)
+    for batch in cfg.batches:
+        x = torch.randn(batch, cfg.grid, cfg.grid, cfg.width, device=cfg.device)
+        latency = latency_ms(blocks, x, cfg.repeats)
         for name, block in blocks.items():
             row = {"block": name, "batch": batch, "params": num_params(block)}
             row |= {"gflops": gflops(block, x), "latency_ms": latency[name]}
-            rows.append(row | profile_counts(block, x, args.repeats))
+            rows.append(row | profile_counts(block, x, cfg.repeats))
     return rows
 
 
@@ -201,51 +240,20 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--width", type=int, default=256, help="token width of every block")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (even, for MEA)")
-    p.add_argument("--grid", type=int, default=64, help="token grid side (64: SAM at 1024 px)")
-    p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per block (median)")
-    p.add_argument("--stripe", type=int, default=2, help="MEA stripe width (meta's default)")
-    p.add_argument("--window", type=int, default=14, help="ViT window side (SAM's)")
-    p.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda")
-    )
-    p.add_argument("--out", default="runs/bench_meta.json", help="JSON file of every figure")
-    args = p.parse_args(argv)
-    try:
-        args.batches = [int(b) for b in args.batches.split(",") if b]
-    except ValueError:
-        p.error(f"--batches {args.batches!r}: give integers, e.g. 1,8")
-    if args.repeats < 1 or not args.batches or min(args.batches) < 1:
-        p.error("--repeats and every --batches entry must be at least 1")
-    if args.heads < 2 or args.heads % 2 or args.width % args.heads:
-        p.error(f"--heads {args.heads}: must be even and divide --width {args.width}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    machine = machine_info(args.device)
+    cfg = parse_config(MetaBenchConfig, argv, __doc__)
+    machine = machine_info(cfg.device)
     print(
-        f"{json.dumps(machine)}\n{args.grid}x{args.grid} tokens, width {args.width}, "
-        f"{args.heads} heads, stripe {args.stripe}, window {args.window}, fp32",
+        f"{json.dumps(machine)}\n{cfg.grid}x{cfg.grid} tokens, width {cfg.width}, "
+        f"{cfg.heads} heads, stripe {cfg.stripe}, window {cfg.window}, fp32",
         flush=True,
     )
-    rows = measure(args)
+    rows = measure(cfg)
     print_table(rows)
     lines = verdict(rows)
     print("\n" + "\n".join(lines))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        result = {"machine": machine, "settings": vars(args), "rows": rows, "verdict": lines}
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    figures = {"rows": rows, "verdict": lines}
+    write_results(cfg.out, figures, cfg, script=__file__, argv=argv, device=cfg.device)
     return 0
 
 

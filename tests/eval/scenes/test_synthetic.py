@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from eval.synthetic import (
+from eval.scenes.synthetic import (
     CATEGORIES,
     DOT,
     EXIF_ORIENTATION,

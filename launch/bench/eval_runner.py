@@ -1,9 +1,10 @@
 """Instances per second of the evaluation runner against a plain per-instance SamPredictor loop.
 
-    python eval/bench_eval.py [--arch vit_tiny|vit_b] [--ckpt F] [--num-images 8]
-                              [--min-side 320 --max-side 640] [--out F.json]
+    python launch/bench/eval_runner.py [--arch vit_tiny|vit_b] [--ckpt F] [--num-images 8]
+        [--min-side 320 --max-side 640] [--out runs/bench_eval.json]
 
-Both sides score the same GT-box instances of a generated COCO-format dataset (eval.synthetic)
+Both sides score the same GT-box instances of a generated COCO-format dataset
+(eval.scenes.synthetic)
 with the same model, the EfficientViT-SAM box protocol, and IoU against the pycocotools GT:
 
 - runner: `eval.runner.run_images`, the image encoder once per image and all boxes of an image
@@ -24,18 +25,17 @@ image, so that a busy machine slows both alike; the runner is timed one image pe
 leaves out its read-ahead of the next image.
 """
 
-import argparse
-import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# `python eval/bench_eval.py` puts eval/ first on sys.path, where it would shadow packages
-# (eval/lvis.py hides `lvis`); drop it before importing anything but the standard library.
+# `python launch/bench/eval_runner.py` puts launch/bench/ first on sys.path, where its files would
+# shadow packages; drop it before importing anything but the standard library.
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-sys.path.insert(0, str(_here.parent))
+sys.path.insert(0, str(_here.parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -45,10 +45,38 @@ from eval.datasets import gt_images, load_coco  # noqa: E402
 from eval.metrics import encode_masks, mask_iou  # noqa: E402
 from eval.prompts import Protocol, box_xyxy  # noqa: E402
 from eval.runner import Model, Task, run_images  # noqa: E402
-from eval.synthetic import make_coco  # noqa: E402
+from eval.scenes.synthetic import make_coco  # noqa: E402
+from launch.bench.common import write_results  # noqa: E402
 from students.load import load_sam  # noqa: E402
 from teachers.build import random_vit_tiny  # noqa: E402
 from teachers.preprocess import load_image  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
+
+
+@dataclass
+class EvalBenchConfig:
+    """One run of the runner benchmark."""
+
+    arch: str = field(
+        default="vit_tiny", metadata={"choices": ("vit_tiny", "vit_b", "vit_l", "vit_h")}
+    )
+    """SAM architecture with random weights (vit_b and up: 1024 input)."""
+    ckpt: str | None = None
+    """Benchmark this checkpoint instead of random weights."""
+    coco_root: str | None = None
+    """A COCO root to read instead of generating one."""
+    num_images: int = 8
+    """Images scored."""
+    min_side: int = 320
+    """Generated images' short side, min."""
+    max_side: int = 640
+    """Generated images' long side, max."""
+    out: str = "runs/bench_eval.json"
+    """Results JSON: every figure, the command, the machine and the date."""
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise ValueError("--num-images must be at least 1")
 
 
 def build_model(arch: str, ckpt: str | None):
@@ -86,7 +114,7 @@ def runner(sam, ds, images) -> tuple[list[float], float]:
 
 
 @torch.no_grad()
-def bench(args: argparse.Namespace) -> dict:
+def bench(args: EvalBenchConfig) -> dict:
     sam = build_model(args.arch, args.ckpt)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.coco_root or tmp)
@@ -136,29 +164,15 @@ def format_result(r: dict) -> str:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--arch", default="vit_tiny", choices=("vit_tiny", "vit_b", "vit_l", "vit_h"))
-    p.add_argument("--ckpt", help="benchmark this checkpoint instead of random weights")
-    p.add_argument("--coco-root", help="a COCO root to read instead of generating one")
-    p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--min-side", type=int, default=320, help="generated images' short side, min")
-    p.add_argument("--max-side", type=int, default=640, help="generated images' long side, max")
-    p.add_argument("--out", help="also write the result as JSON")
-    args = p.parse_args(argv)
-    if args.num_images < 1:
-        p.error("--num-images must be at least 1")
-    return args
+def parse_args(argv: list[str] | None = None) -> EvalBenchConfig:
+    return parse_config(EvalBenchConfig, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = bench(args)
+    cfg = parse_args(argv)
+    result = bench(cfg)
     print(format_result(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_results(cfg.out, result, cfg, script=__file__, argv=argv)
     return 0
 
 

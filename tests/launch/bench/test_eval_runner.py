@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval import bench_eval as bench
+from launch.bench import eval_runner as bench
 
 
 def test_bench_eval_small() -> None:

@@ -1,24 +1,13 @@
 """The codec benchmark's rows, the per-field ones included, on one small sample."""
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import REPO
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_codecs", REPO / "eval/bench_codecs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from launch.bench import cache_codecs as bench
 
 
 def test_mixed_rows_take_the_embedding_and_block_sizes_of_their_codecs():
-    bench = _bench()
-    rows = {
-        r["codec"]: r for r in bench.main(bench.BenchConfig(samples=1, teacher="vit_b", taps=(2,)))
-    }
+    cfg = bench.BenchConfig(samples=1, teacher="vit_b", taps=(2,))
+    rows = {r["codec"]: r for r in bench.table_rows(bench.run(cfg))}
     assert list(rows) == ["fp32", "fp16", "bf16", "int8", *bench.MIXED]
     mixed, fp16, int8 = rows["embed=fp16,blocks=int8"], rows["fp16"], rows["int8"]
     assert mixed["embed MB"] == fp16["embed MB"] and mixed["block2 MB"] == int8["block2 MB"]

@@ -1,6 +1,7 @@
-"""Benchmark the teacher-cache codecs side by side at real SAM shapes, on one machine in one run.
+r"""Benchmark the teacher-cache codecs side by side at real SAM shapes, on one machine in one run.
 
-    python eval/bench_codecs.py [--samples 8] [--taps 7,15,23,31] [--teacher vit_h] [--out F.json]
+    python launch/bench/cache_codecs.py [--samples 8] [--taps 7,15,23,31] [--teacher vit_h] \
+        [--out runs/bench_codecs.json]
 
 For fp32 (the reference), each codec in `teachers.codecs.CODECS` and the per-field codecs in
 `MIXED` (the final embedding in one codec, the block outputs in another), one sample is the final
@@ -12,26 +13,25 @@ Codecs run interleaved on the same samples, in a rotating order, so their ratios
 when the absolute times drift. The features are synthetic (see `synthetic_sample`).
 """
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# `python eval/bench_codecs.py` puts eval/ first on sys.path, where it would shadow packages
-# (eval/lvis.py hides `lvis`); drop it before importing anything but the standard library.
+# `python launch/bench/cache_codecs.py` puts launch/bench/ first on sys.path, where its files
+# would shadow packages; drop it before importing anything but the standard library.
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-sys.path.insert(0, str(_here.parent))
+sys.path.insert(0, str(_here.parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from launch.bench.common import write_results  # noqa: E402
 from teachers import DEFAULT_TAPS  # noqa: E402
 from teachers.codecs import (  # noqa: E402
     CODECS,
@@ -42,6 +42,7 @@ from teachers.codecs import (  # noqa: E402
     parse_codecs,
     to_npy_bytes,
 )
+from teachers.runtime.flags import parse_config  # noqa: E402
 
 # Widths and depths of SAM's image encoders (segment_anything/build_sam.py).
 WIDTHS = {"vit_h": 1280, "vit_l": 1024, "vit_b": 768}
@@ -62,7 +63,7 @@ class BenchConfig:
 
     samples: int = 8
     """Synthetic samples; every codec runs on each, and throughputs are medians over them."""
-    teacher: str = "vit_h"
+    teacher: str = field(default="vit_h", metadata={"choices": tuple(WIDTHS)})
     """Teacher whose shapes to use: vit_h, vit_l or vit_b."""
     taps: tuple[int, ...] = ()
     """Tapped block indices; empty means the teacher's default taps (its global-attention
@@ -73,8 +74,8 @@ class BenchConfig:
     """Torch intra-op threads; 0 keeps torch's default. One by default: the codecs are
     memory-bound element-wise passes, and on a small shared CPU a second OpenMP thread that has
     to wait for a core made every pass about 10 ms slower, swamping the differences measured."""
-    out: Path | None = None
-    """Optional json file for the rows."""
+    out: str = "runs/bench_codecs.json"
+    """Results JSON: every row, the command, the machine and the date."""
 
     def __post_init__(self) -> None:
         if self.teacher not in WIDTHS:
@@ -259,41 +260,17 @@ def describe(cfg: BenchConfig) -> str:
     )
 
 
-def main(cfg: BenchConfig) -> list[dict[str, float | str | None]]:
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(BenchConfig, argv, __doc__)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # before any work, so describe() reports it
     rows = table_rows(run(cfg))
     print(describe(cfg))
     print()
     print(format_table(rows))
-    if cfg.out is not None:
-        config = asdict(cfg) | {"out": str(cfg.out)}
-        cfg.out.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
-    return rows
-
-
-def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=8, help="synthetic samples (default 8)")
-    p.add_argument("--taps", default="", help="comma-separated blocks (default: global-attn ones)")
-    p.add_argument("--teacher", default="vit_h", choices=list(WIDTHS), help="(default vit_h)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic features")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, 0: torch's (default 1)")
-    p.add_argument("--out", type=Path, default=None, help="also write the rows to this json file")
-    args = p.parse_args(argv)
-    try:
-        taps = tuple(int(t) for t in args.taps.split(",") if t.strip())
-        return BenchConfig(
-            samples=args.samples,
-            teacher=args.teacher,
-            taps=taps,
-            seed=args.seed,
-            threads=args.threads,
-            out=args.out,
-        )
-    except ValueError as err:
-        p.error(str(err) if "--" in str(err) else f"--taps {args.taps!r}: give e.g. 7,15,23,31")
+    write_results(cfg.out, {"rows": rows}, cfg, script=__file__, argv=argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(main())

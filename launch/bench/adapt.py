@@ -1,8 +1,9 @@
-"""Training memory and speed of every adapter method on students and SAM, side by side in one run.
+r"""Training memory and speed of every adapter method on students and SAM, side by side in one run.
 
-python eval/bench_adapt.py [--encoders dfa_s,vit_b] [--methods cad,sam_adapter,...]
-    [--img-size 1024] [--device cpu|cuda] [--repeats 1] [--out runs/bench_adapt.json]
-    [--sweep-encoder dfa_s] [--cad-widths 32,64,128,256] [--cad-input-sizes 256,512] [--no-sweep]
+    python launch/bench/adapt.py [--encoders dfa_s,vit_b] [--methods cad,sam_adapter,...]
+        [--img-size 1024] [--device cpu|cuda] [--repeats 1] [--out runs/bench_adapt.json]
+        [--sweep-encoder dfa_s] [--cad-widths 32,64,128,256] [--cad-input-sizes 256,512] \
+        [--no-sweep]
 
 Each (encoder, method) is measured in its own child process (a clean peak-memory reading), with
 random weights, batch 1, fp32, the full-image box, on `PromptedSam` exactly as `launch/adapt.py`
@@ -29,34 +30,82 @@ from pathlib import Path
 
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-sys.path.insert(0, str(_here.parent))
+sys.path.insert(0, str(_here.parents[1]))
 
-import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from distill.losses import structure_loss  # noqa: E402
-from eval.speedbench import SAM_SIZES, build_encoder  # noqa: E402
+from launch.bench.common import (  # noqa: E402
+    DEVICES,
+    SAM_SIZES,
+    ChildFailed,
+    PeakMemory,
+    build_encoder,
+    check_device,
+    check_names,
+    default_device,
+    latency_ms,
+    machine_info,
+    run_child,
+    seconds,
+    write_results,
+)
 from students import list_students  # noqa: E402
 from students.adapters import list_adapters  # noqa: E402
 from students.adapters.export import adapt_sam  # noqa: E402
 from students.adapters.model import PromptedSam, set_trainable  # noqa: E402
 from students.export import assemble_sam  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
 
 MIB = 2**20
+
+
+@dataclass
+class AdaptBenchConfig:
+    """One run of the adapter benchmark."""
+
+    encoders: tuple[str, ...] = ("dfa_s", "vit_b")
+    """Encoders, comma-separated: the registered students and SAM's vit_b, vit_l, vit_h."""
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(list_adapters()))
+    """Adapter methods, comma-separated (`students.adapters.list_adapters()`)."""
+    img_size: int = 1024
+    """Encoder input side (SAM: 1024)."""
+    device: str = field(default_factory=default_device, metadata={"choices": DEVICES})
+    """Device to measure on."""
+    repeats: int = 1
+    """Timed runs after the first (median)."""
+    out: str = "runs/bench_adapt.json"
+    """Results JSON: every figure, the command, the machine and the date."""
+    sweep_encoder: str = "dfa_s"
+    """Encoder of the CAD sweep."""
+    cad_widths: tuple[int, ...] = (32, 64, 128, 256)
+    """CAD widths swept."""
+    cad_input_sizes: tuple[int, ...] = (256, 512)
+    """CAD inputs swept."""
+    sweep: bool = True
+    """Sweep CAD's width and input size (saved bytes only)."""
+
+    def __post_init__(self) -> None:
+        encoders = [*self.encoders, *([self.sweep_encoder] if self.sweep else [])]
+        check_names("--encoders", tuple(encoders), [*list_students(), *SAM_SIZES])
+        check_names("--methods", self.methods, list_adapters())
+        if self.img_size != 1024 and set(SAM_SIZES) & set(encoders):
+            raise ValueError(
+                f"--img-size {self.img_size}: SAM's ViTs run at 1024 only "
+                "(fixed position embedding)"
+            )
+        check_device(self.device)
 
 
 def build_model(encoder: nn.Module, method: str, kwargs: dict, device: str) -> PromptedSam:
@@ -134,44 +183,6 @@ def saved_bytes(model: PromptedSam, batch: dict[str, Tensor]) -> dict[str, int]:
     return saved.bytes()
 
 
-def _reset_peak_rss() -> None:
-    """Set the process's peak RSS to its current RSS (Linux >= 4.0; elsewhere nothing happens and
-    the growth is measured over the peak so far, an underestimate)."""
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss() -> int:
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-
-
-class PeakMemory:
-    """Context: growth of the peak RSS (`rss_growth_bytes`) and, on CUDA, of the peak allocated
-    bytes (`cuda_peak_bytes`) over what was there on entry."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device == "cuda"
-        self.result: dict[str, int | None] = {}
-
-    def __enter__(self) -> "PeakMemory":
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.cuda_before = torch.cuda.memory_allocated()
-        _reset_peak_rss()
-        self.rss_before = _peak_rss()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.result["rss_growth_bytes"] = _peak_rss() - self.rss_before
-        self.result["cuda_peak_bytes"] = (
-            torch.cuda.max_memory_allocated() - self.cuda_before if self.cuda else None
-        )
-
-
 def train_step(
     model: PromptedSam,
     optimizer: torch.optim.Optimizer,
@@ -188,28 +199,6 @@ def train_step(
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def seconds(fn, device: str) -> float:
-    """Seconds of one call of `fn` (CUDA: synchronised)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    tic = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - tic
-
-
-def latency_ms(encoders: dict[str, nn.Module], images: Tensor, repeats: int) -> dict[str, float]:
-    """Median inference ms of each encoder (eval mode, `inference_mode`) on `images`, the runs
-    interleaved so that a change of load on the machine hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in encoders}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for name, encoder in encoders.items():
-                encoder.eval()
-                times[name].append(1e3 * seconds(lambda e=encoder: e(images), images.device.type))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure_config(
@@ -299,35 +288,20 @@ def cad_choice(sweep: dict, bound: float) -> dict | None:
     return max(fits, key=lambda p: (p["num_trainable_branch"], p["input_size"]), default=None)
 
 
-def machine_info(device: str) -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": device,
-        "cuda_device": torch.cuda.get_device_name() if device == "cuda" else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+def child_row(name: str, method: str, img_size: int, device: str, repeats: int) -> dict:
+    """A child process's work: one encoder with one method (a clean peak-memory reading)."""
+    encoder, _ = build_encoder(name, img_size, device)
+    return {"encoder": name, **measure_config(encoder, method, {}, device, repeats)}
 
 
-def child_row(args: argparse.Namespace) -> dict:
-    """The child process's work: the one encoder and method of its command line."""
-    (name,), (method,) = args.encoders, args.methods
-    encoder, _ = build_encoder(name, args.img_size, args.device)
-    return {"encoder": name, **measure_config(encoder, method, {}, args.device, args.repeats)}
-
-
-def run_child(name: str, method: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--encoders", name, "--methods", method]
-    cmd += ["--img-size", str(args.img_size), "--repeats", str(args.repeats), "--no-sweep"]
-    cmd += ["--device", args.device]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:  # a killed child (out of memory) has no traceback: say so
-        why = result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]
-        return {"encoder": name, "method": method, "error": why[0]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def measure_in_child(name: str, method: str, cfg: AdaptBenchConfig) -> dict:
+    """`child_row` in its own process; a failed child (out of memory: no traceback) is a row
+    that says why."""
+    settings = {"img_size": cfg.img_size, "device": cfg.device, "repeats": cfg.repeats}
+    try:
+        return run_child("launch.bench.adapt:child_row", name=name, method=method, **settings)
+    except ChildFailed as failed:
+        return {"encoder": name, "method": method, "error": failed.last_line}
 
 
 def _mib(value: float | None) -> str:
@@ -393,76 +367,26 @@ def print_sweep(encoder: str, sweep: dict) -> None:
         print(f"largest CAD of the sweep that saves {what} on {encoder}: {found}")
 
 
-def _names(text: str) -> list[str]:
-    return [n for n in text.split(",") if n]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(n) for n in _names(text)]
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    known = [*list_students(), *SAM_SIZES]
-    p.add_argument("--encoders", type=_names, default="dfa_s,vit_b", help=", ".join(known))
-    methods = ",".join(list_adapters())
-    p.add_argument("--methods", type=_names, default=methods, help=methods)
-    p.add_argument("--img-size", type=int, default=1024, help="encoder input side (SAM: 1024)")
-    p.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda")
-    )
-    p.add_argument("--repeats", type=int, default=1, help="timed runs after the first (median)")
-    p.add_argument("--out", default="runs/bench_adapt.json", help="JSON file of every figure")
-    p.add_argument("--sweep-encoder", default="dfa_s", help="encoder of the CAD sweep")
-    p.add_argument("--cad-widths", type=_ints, default="32,64,128,256", help="CAD widths swept")
-    p.add_argument("--cad-input-sizes", type=_ints, default="256,512", help="CAD inputs swept")
-    p.add_argument("--no-sweep", action="store_true", help="skip the CAD sweep")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    encoders = [*args.encoders, *([] if args.no_sweep else [args.sweep_encoder])]
-    for flag, names, allowed in (
-        ("--encoders", encoders, known),
-        ("--methods", args.methods, list_adapters()),
-    ):
-        if unknown := [n for n in names if n not in allowed]:
-            p.error(f"{flag}: unknown {unknown}; known: {', '.join(allowed)}")
-    if args.img_size != 1024 and set(SAM_SIZES) & set(encoders):
-        p.error(
-            f"--img-size {args.img_size}: SAM's ViTs run at 1024 only (fixed position embedding)"
-        )
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if args.child:
-        print(json.dumps(child_row(args)))
-        return 0
-    machine = machine_info(args.device)
-    print(f"{json.dumps(machine)}\nbatch 1, fp32, {args.img_size} px, full-image box", flush=True)
+    cfg = parse_config(AdaptBenchConfig, argv, __doc__)
+    machine = machine_info(cfg.device)
+    print(f"{json.dumps(machine)}\nbatch 1, fp32, {cfg.img_size} px, full-image box", flush=True)
     rows = []
-    for name, method in itertools.product(args.encoders, args.methods):
+    for name, method in itertools.product(cfg.encoders, cfg.methods):
         tic = time.perf_counter()
-        rows.append(run_child(name, method, args))
+        rows.append(measure_in_child(name, method, cfg))
         print(f"  {name} {method}: {time.perf_counter() - tic:.0f} s", flush=True)
-    result = {"machine": machine, "settings": vars(args), "rows": rows}
-    result["ratios"] = summary_ratios([r for r in rows if "error" not in r])
+    figures = {"rows": rows, "ratios": summary_ratios([r for r in rows if "error" not in r])}
     print_rows(rows)
-    print_ratios(result["ratios"])
-    if not args.no_sweep:
+    print_ratios(figures["ratios"])
+    if cfg.sweep:
 
         def make() -> nn.Module:
-            return build_encoder(args.sweep_encoder, args.img_size, args.device)[0]
+            return build_encoder(cfg.sweep_encoder, cfg.img_size, cfg.device)[0]
 
-        result["cad_sweep"] = sweep_cad(make, args.cad_widths, args.cad_input_sizes, args.device)
-        print_sweep(args.sweep_encoder, result["cad_sweep"])
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        figures["cad_sweep"] = sweep_cad(make, cfg.cad_widths, cfg.cad_input_sizes, cfg.device)
+        print_sweep(cfg.sweep_encoder, figures["cad_sweep"])
+    write_results(cfg.out, figures, cfg, script=__file__, argv=argv, device=cfg.device)
     return 0
 
 

@@ -1,8 +1,8 @@
-"""Benchmark: does phase 2 (decoder alignment) raise box-prompted teacher agreement on held-out
+r"""Benchmark: does phase 2 (decoder alignment) raise box-prompted teacher agreement on held-out
 images over as many more phase-1 steps? One run, both arms from the same phase-1 student.
 
-python launch/bench_phase2_gain.py [--out runs/bench_phase2_gain] [--train-images 256]
-    [--held-images 96] [--phase1-steps 600] [--extra-steps 150] [--batch-size 8]
+    python launch/bench/phase2_gain.py [--out runs/bench_phase2_gain] [--train-images 256] \
+        [--held-images 96] [--phase1-steps 600] [--extra-steps 150] [--batch-size 8]
 
 A random-weight SAM decoder is unsure everywhere (logits within a few hundredths of 0), so mask
 agreement with it is decided by noise and no mask loss can show a gain. This benchmark first makes
@@ -19,27 +19,28 @@ against more phase 1 ("phase 2 - phase 1"), against the one-schedule phase 1 and
 OUT/gain.json. About 4 minutes on a 2-core CPU; stages already done under OUT are reused.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import math
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "launch"]
-sys.path.insert(0, str(REPO))
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path.insert(0, str(_here.parents[1]))
+
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from eval.synthetic_domain import domain_as_coco, make_domain  # noqa: E402
+from eval.scenes.domain import domain_as_coco, make_domain  # noqa: E402
+from launch.bench.common import run_script, write_results  # noqa: E402
 from students import load_sam  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 from teachers.build import random_vit_tiny  # noqa: E402
 from teachers.cache import plan_cache, write_cache  # noqa: E402
+from teachers.runtime.files import save_atomic  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
 
 # dfa_t at width 64 (0.84 M parameters, the teacher encoder 0.88 M): a student that cannot copy the
 # teacher's embedding everywhere, as a real one cannot copy ViT-H's, so the loss decides where it
@@ -54,14 +55,32 @@ MORE_PHASE1 = ["--lr", "5e-4", "--dld", "final_only"]
 PROTOCOLS = {"single": ["--single-mask"], "multimask": []}
 
 
-def run(*args: str, log: Path) -> None:
-    """Run a repository script with this interpreter, its output in `log`; on failure, raise
-    with the log's tail."""
-    with open(log, "w") as f:
-        done = subprocess.run([sys.executable, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        tail = log.read_text().splitlines()[-20:]
-        raise RuntimeError(f"{args[0]} failed ({done.returncode}), log {log}:\n" + "\n".join(tail))
+@dataclass
+class GainConfig:
+    """One run of the phase-2 gain benchmark."""
+
+    out: str = "runs/bench_phase2_gain"
+    """Work folder (stages already done there are reused), and OUT/gain.json."""
+    train_images: int = 1024
+    """Cached training images."""
+    held_images: int = 192
+    """Held-out images."""
+    teacher_steps: int = 300
+    """Teacher adaptation steps."""
+    phase1_steps: int = 600
+    """Steps of the base student."""
+    extra_steps: int = 150
+    """Steps of each arm."""
+    batch_size: int = 8
+    """Batch size of every run."""
+    seed: int = 0
+    """Seed of the generated data."""
+
+    def __post_init__(self) -> None:
+        counts = ("train_images", "held_images", "teacher_steps", "phase1_steps", "extra_steps")
+        for name in (*counts, "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def make_teacher(out: Path, steps: int, seed: int) -> Path:
@@ -84,11 +103,8 @@ def make_teacher(out: Path, steps: int, seed: int) -> Path:
     ]
     args += ["--steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--val-every", str(steps)]
     args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
-    run("launch/adapt.py", *args, log=out / "teacher.log")
-    tmp = path.with_suffix(".tmp")
-    torch.save(load_sam(out / "teacher" / "adapted.pt").state_dict(), tmp)
-    tmp.replace(path)
-    return path
+    run_script("launch/adapt.py", *args, log=out / "teacher.log")
+    return save_atomic(load_sam(out / "teacher" / "adapted.pt").state_dict(), path)
 
 
 def distill(out: Path, name: str, steps: int, batch_size: int, extra: list[str]) -> Path:
@@ -99,7 +115,7 @@ def distill(out: Path, name: str, steps: int, batch_size: int, extra: list[str])
         args += ["--batch-size", str(batch_size), "--teacher-ckpt", str(out / "teacher.pth")]
         args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
         args += ["--log-every", "50", "--checkpoint-every", str(steps), *extra]
-        run("launch/distill.py", *args, log=out / f"{name}.log")
+        run_script("launch/distill.py", *args, log=out / f"{name}.log")
     return student
 
 
@@ -109,7 +125,7 @@ def agreements(out: Path, name: str, student: Path, protocol: str) -> dict[int, 
     if not report.exists():
         args = ["--ckpt", str(student), "--coco-root", str(out / "held"), "--device", "cpu"]
         args += ["--compare-ckpt", str(out / "teacher.pth"), "--out", str(report)]
-        run("eval/coco.py", *args, *PROTOCOLS[protocol], log=report.with_suffix(".log"))
+        run_script("eval/coco.py", *args, *PROTOCOLS[protocol], log=report.with_suffix(".log"))
     rows = report.with_name(report.name + ".instances.jsonl").read_text().splitlines()
     return {r["id"]: 100 * r["agreement"][0] for r in map(json.loads, rows)}
 
@@ -137,7 +153,7 @@ def measure(
     batch_size: int = 8,
     seed: int = 0,
 ) -> dict:
-    """The whole benchmark (stages already done under `out` are reused); the gain.json dict."""
+    """The whole benchmark (stages already done under `out` are reused); gain.json's figures."""
     setup = {k: v for k, v in locals().items() if k != "out"}
     out.mkdir(parents=True, exist_ok=True)
     teacher = make_teacher(out, teacher_steps, seed + 10)
@@ -168,32 +184,10 @@ def measure(
             ),
             "phase 2 - start": paired(scores["phase 1"], scores["+ phase 2"]),
         }
-    (out / "gain.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/bench_phase2_gain", help="Work folder (reused).")
-    parser.add_argument("--train-images", type=int, default=1024, help="Cached training images.")
-    parser.add_argument("--held-images", type=int, default=192, help="Held-out images.")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="Teacher adaptation steps.")
-    parser.add_argument("--phase1-steps", type=int, default=600, help="Steps of the base student.")
-    parser.add_argument("--extra-steps", type=int, default=150, help="Steps of each arm.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Batch size of every run.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the generated data.")
-    args = parser.parse_args(argv)
-    for flag in (
-        "train_images",
-        "held_images",
-        "teacher_steps",
-        "phase1_steps",
-        "extra_steps",
-        "batch_size",
-    ):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    result = measure(Path(args.out), **{k: v for k, v in vars(args).items() if k != "out"})
+def print_result(result: dict) -> None:
     print(f"{'held-out agreement mIoU':<28} {'single mask':>12} {'multimask':>10}")
     for name in result["single"]["agreement"]:
         row = [result[p]["agreement"][name] for p in PROTOCOLS]
@@ -205,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{p}: {key} = {d['mean']:+.2f} +- {d['se']:.2f} (paired over {d['n']} "
                 f"instances, standard error), improved {d['improved']:.0%}"
             )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(GainConfig, argv, __doc__)
+    out = Path(cfg.out).resolve()  # the scripts it runs start in the repository
+    setup = {k: v for k, v in vars(cfg).items() if k != "out"}
+    result = measure(out, **setup)
+    print_result(result)
+    write_results(out / "gain.json", result, cfg, script=__file__, argv=argv)
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Deployment variants of one student against the fp32 student, in one run.
+r"""Deployment variants of one student against the fp32 student, in one run.
 
-python eval/bench_deploy.py --ckpt runs/dfa_s/student.pt [--pruned a.pt,b.pt | --prune heads:0.5,mlp:0.5]
-    [--calib-shards CACHE] [--num-images 8] [--repeats 5] [--threads N] [--out runs/bench_deploy.json]
+    python launch/bench/deploy.py --ckpt runs/dfa_s/student.pt \
+        [--pruned a.pt,b.pt | --prune heads:0.5,mlp:0.5] [--calib-shards CACHE] [--num-images 8] \
+        [--repeats 5] [--threads N] [--out runs/bench_deploy.json]
 
-Variants of the encoder, each fed the same preprocessed generated images (``eval.synthetic``):
+Variants of the encoder, each fed the same preprocessed generated images
+(``eval.scenes.synthetic``):
 
 * ``fp32_torch``: the student as ``load_sam`` builds it (the reference of every ratio);
 * ``fp32_onnx``: its ONNX through onnxruntime (``students.onnx``);
@@ -27,34 +29,86 @@ from pathlib import Path
 
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-sys.path.insert(0, str(_here.parent))
+sys.path.insert(0, str(_here.parents[1]))
 
-import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from segment_anything import SamPredictor  # noqa: E402
 from torch import nn  # noqa: E402
 
-from eval.bench_adapt import machine_info  # noqa: E402
 from eval.metrics import encode_masks, mask_iou  # noqa: E402
 from eval.prompts import boxes_xyxy  # noqa: E402
 from eval.runner import predict_masks  # noqa: E402
-from eval.synthetic import make_coco  # noqa: E402
+from eval.scenes.synthetic import make_coco  # noqa: E402
+from launch.bench.common import interleaved, machine_info, write_results  # noqa: E402
 from students.load import load_sam  # noqa: E402
 from students.onnx import export_onnx  # noqa: E402
 from students.prune import TARGETS, prune_student  # noqa: E402
 from students.quant import embedding_agreement, quantize_onnx, quantize_torch  # noqa: E402
 from teachers.cache_read import cache_images  # noqa: E402
 from teachers.preprocess import Preprocessed, load_image, preprocess  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
 
 Encode = Callable[[torch.Tensor], np.ndarray]  # [B, 3, S, S] -> [B, 256, h, w]
+
+
+@dataclass
+class DeployBenchConfig:
+    """One run of the deployment benchmark."""
+
+    ckpt: str = ""
+    """The fp32 student.pt (required)."""
+    pruned: tuple[str, ...] = ()
+    """Re-distilled pruned student.pt files, comma-separated."""
+    prune: tuple[str, ...] = ()
+    """Prune here without re-distillation: target:ratio, comma-separated (heads:0.5,mlp:0.5)."""
+    calib_shards: str | None = None
+    """Teacher cache for static calibration (default: generated images)."""
+    num_calib: int = 8
+    """Calibration images."""
+    num_images: int = 8
+    """Generated images scored."""
+    seed: int = 11
+    """Seed of the scored images."""
+    repeats: int = 5
+    """Timed runs per variant (median)."""
+    threads: int | None = None
+    """Threads of torch and onnxruntime (default: torch's)."""
+    out: str = "runs/bench_deploy.json"
+    """Results JSON: every figure, the command, the machine and the date."""
+
+    def __post_init__(self) -> None:
+        if not self.ckpt:
+            raise ValueError("--ckpt: give the fp32 student.pt to compare the variants with")
+        for path in [self.ckpt, *self.pruned]:
+            if not Path(path).is_file():
+                raise ValueError(f"--ckpt/--pruned {path}: no such file")
+        if self.repeats < 1 or self.num_images < 1:
+            raise ValueError("--repeats and --num-images must be at least 1")
+        self.prune_specs()  # refuses a bad --prune now
+
+    def prune_specs(self) -> list[tuple[str, float]]:
+        """--prune as (target, ratio) pairs."""
+        specs = []
+        for part in self.prune:
+            target, _, ratio = part.partition(":")
+            try:
+                specs.append((target, float(ratio)))
+            except ValueError:
+                target = ""
+            if target not in TARGETS:
+                raise ValueError(
+                    f"--prune {part!r}: give target:ratio with target {' or '.join(TARGETS)}, "
+                    "e.g. heads:0.5"
+                )
+        return specs
 
 
 def generated_images(root: Path, num: int, seed: int, img_size: int) -> list[tuple]:
@@ -107,18 +161,11 @@ def box_masks(sam, embedding: np.ndarray, pre: Preprocessed, boxes: np.ndarray) 
 
 def latencies(encoders: dict[str, Encode], image: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median ms per call of each encoder on ``image``, runs interleaved (one warm-up each)."""
-    for encode in encoders.values():
-        encode(image)
-    times: dict[str, list[float]] = {name: [] for name in encoders}
-    for _ in range(repeats):
-        for name, encode in encoders.items():
-            tic = time.perf_counter()
-            encode(image)
-            times[name].append(1e3 * (time.perf_counter() - tic))
-    return {name: statistics.median(t) for name, t in times.items()}
+    calls = {name: partial(encode, image) for name, encode in encoders.items()}
+    return {name: 1e3 * s for name, s in interleaved(calls, repeats, warmup=1).items()}
 
 
-def build_variants(args: argparse.Namespace, sam, work: Path, calib: torch.Tensor) -> tuple:
+def build_variants(cfg: DeployBenchConfig, sam, work: Path, calib: torch.Tensor) -> tuple:
     """{name: encode}, {name: bytes}, {name: SAM whose decoder scores it}."""
     encoder = sam.image_encoder.eval()
     encoders, sizes, sams = {"fp32_torch": torch_encode(encoder)}, {}, {}
@@ -133,7 +180,7 @@ def build_variants(args: argparse.Namespace, sam, work: Path, calib: torch.Tenso
         )
     quantized = quantize_torch(encoder)
     encoders["int8_torch"], sizes["int8_torch"] = torch_encode(quantized), state_bytes(quantized)
-    for path in args.pruned:
+    for path in cfg.pruned:
         pruned_sam = load_sam(path)
         name = f"pruned:{Path(path).parent.name}/{Path(path).name}"
         encoders[name], sizes[name] = (
@@ -141,7 +188,7 @@ def build_variants(args: argparse.Namespace, sam, work: Path, calib: torch.Tenso
             state_bytes(pruned_sam.image_encoder),
         )
         sams[name] = pruned_sam
-    for target, ratio in args.prune:
+    for target, ratio in cfg.prune_specs():
         pruned, _ = prune_student(encoder, target, ratio, calib)
         name = f"pruned:{target}{ratio:g} (not re-distilled)"
         encoders[name], sizes[name] = torch_encode(pruned), state_bytes(pruned)
@@ -187,79 +234,29 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def _prune_specs(text: str) -> list[tuple[str, float]]:
-    specs = []
-    for part in (p for p in text.split(",") if p):
-        target, _, ratio = part.partition(":")
-        if target not in TARGETS or not ratio:
-            raise argparse.ArgumentTypeError(
-                f"--prune {part!r}: give target:ratio with target {' or '.join(TARGETS)}, "
-                "e.g. heads:0.5"
-            )
-        specs.append((target, float(ratio)))
-    return specs
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--ckpt", required=True, help="the fp32 student.pt")
-    p.add_argument(
-        "--pruned",
-        type=lambda t: [v for v in t.split(",") if v],
-        default=[],
-        help="re-distilled pruned student.pt files",
-    )
-    p.add_argument(
-        "--prune", type=_prune_specs, default=[], help="prune here, e.g. heads:0.5,mlp:0.5"
-    )
-    p.add_argument(
-        "--calib-shards", help="teacher cache for static calibration (default: generated)"
-    )
-    p.add_argument("--num-calib", type=int, default=8)
-    p.add_argument("--num-images", type=int, default=8, help="generated images scored")
-    p.add_argument("--seed", type=int, default=11, help="seed of the scored images")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="threads of torch and onnxruntime (default torch's)",
-    )
-    p.add_argument("--out", default="runs/bench_deploy.json", help="JSON file of every figure")
-    args = p.parse_args(argv)
-    for path in [args.ckpt, *args.pruned]:
-        if not Path(path).is_file():
-            p.error(f"--ckpt/--pruned {path}: no such file")
-    if args.repeats < 1 or args.num_images < 1:
-        p.error("--repeats and --num-images must be at least 1")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sam = load_sam(args.ckpt)
+    cfg = parse_config(DeployBenchConfig, argv, __doc__)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sam = load_sam(cfg.ckpt)
     size = sam.image_encoder.img_size
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        items = generated_images(work / "scored", args.num_images, args.seed, size)
-        if args.calib_shards:
-            calib = cache_images(args.calib_shards, args.num_calib, size)
+        items = generated_images(work / "scored", cfg.num_images, cfg.seed, size)
+        if cfg.calib_shards:
+            calib = cache_images(cfg.calib_shards, cfg.num_calib, size)
         else:
             calib = torch.stack(
                 [
                     pre.image
                     for pre, _ in generated_images(
-                        work / "calib", args.num_calib, args.seed + 1, size
+                        work / "calib", cfg.num_calib, cfg.seed + 1, size
                     )
                 ]
             )
-        encoders, sizes, sams = build_variants(args, sam, work, calib)
+        encoders, sizes, sams = build_variants(cfg, sam, work, calib)
         agreement = score(encoders, sams, sam, items)
-        latency = latencies(encoders, items[0][0].image[None], args.repeats)
+        latency = latencies(encoders, items[0][0].image[None], cfg.repeats)
     base = latency["fp32_torch"]
     rows = [
         {
@@ -274,17 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info("cpu")
     print(
         json.dumps(machine),
-        f"\n{args.ckpt}: {size} px, batch 1, {args.num_images} generated images",
+        f"\n{cfg.ckpt}: {size} px, batch 1, {cfg.num_images} generated images",
     )
     print_table(rows)
     int8 = {r["variant"]: r["latency_ms"] for r in rows if r["variant"].startswith("int8_")}
     print(f"\nfastest int8 path: {min(int8, key=int8.get)}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        settings = dict(vars(args))
-        Path(args.out).write_text(
-            json.dumps({"machine": machine, "settings": settings, "rows": rows}, indent=1)
-        )
+    write_results(cfg.out, {"rows": rows}, cfg, script=__file__, argv=argv)
     return 0
 
 

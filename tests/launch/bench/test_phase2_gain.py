@@ -2,7 +2,7 @@
 
 The gain itself (+2 points single-mask agreement on one machine, within a few standard errors of
 zero on another) is not asserted here: one seed on one machine cannot carry it. It is measured
-over seeds by the claims benchmark; this test runs `launch/bench_phase2_gain.py` at a tiny scale
+over seeds by the claims benchmark; this test runs `launch/bench/phase2_gain.py` at a tiny scale
 and checks what holds on any machine: every stage ran, each paired difference is the difference
 of the per-instance agreements it pairs, and the setup is recorded.
 """
@@ -26,7 +26,7 @@ TINY |= {"extra_steps": 3, "batch_size": 4}
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("phase2_gain")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    cmd = [sys.executable, "launch/bench_phase2_gain.py", "--out", str(out), *flags]
+    cmd = [sys.executable, "launch/bench/phase2_gain.py", "--out", str(out), *flags]
     done = subprocess.run(
         cmd, cwd=REPO, env=unplaced_env(), capture_output=True, text=True, timeout=900
     )

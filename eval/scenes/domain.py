@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from eval.synthetic import write_coco_json
+from eval.scenes.synthetic import write_coco_json
 from teachers.mask_folders import list_pairs, load_pair
 
 # Periods (pixels per cycle) of the two textures' pass bands.
@@ -139,7 +139,7 @@ def make_domain(
     for split, num in (("train", num_train), ("val", num_val)):
         _write_split(root, split, num, seed, size, image_suffix, tint)
     params = dict(
-        generator="eval.synthetic_domain",
+        generator="eval.scenes.domain",
         version=VERSION,
         seed=seed,
         size=size,

@@ -1,4 +1,4 @@
-"""eval/bench_meta.py on tiny blocks: parameter matching, the profiler's kernel counts (which do
+"""launch/bench/meta.py on tiny blocks: parameter matching, the profiler's kernel counts (which do
 not depend on the machine), and the entry point. Latency is printed, never asserted."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Block
 
-from eval.bench_meta import build_blocks, main, matched_mlp_dim, num_params, profile_counts
+from launch.bench.meta import build_blocks, main, matched_mlp_dim, num_params, profile_counts
 from students.adapters.mea import MEABlock
 
 WIDTH, HEADS, GRID = 32, 4, 16

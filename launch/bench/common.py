@@ -1,0 +1,295 @@
+"""What every benchmark of the wing shares: timing, peak memory, machine facts, the encoders they
+build, runs in a child process, and the results JSON.
+
+* Timing: `interleaved` times several calls in turns (round robin), so that a change of load on a
+  shared machine hits all of them alike, and gives each one's median; `latency_ms` is that for
+  modules in eval mode under `inference_mode`.
+* Memory: `PeakMemory` measures the growth of the process's peak RSS (CPU; `/proc/self/clear_refs`
+  resets the peak on Linux) and of `torch.cuda.max_memory_allocated` (CUDA) over a block.
+* Machine: `machine_info` (platform, CPUs, torch and its threads, the GPU, the date).
+* Encoders: `build_encoder` builds a student, a SAM ViT or a peer encoder with random weights
+  (latency does not depend on weights).
+* Children: `run_child` calls a function of a benchmark module in a fresh interpreter (a clean
+  peak-memory reading, no warm caches shared between models) and returns its JSON result;
+  `run_script` runs an entry script of the repository with its output in a log file.
+* Results: `write_results` writes one JSON per run: the figures, the command that made them, the
+  config, the machine and the date.
+
+Benchmarks import this module and nothing of one another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from students import build_student, list_students
+from teachers.runtime.files import write_text_atomic
+
+REPO = Path(__file__).resolve().parents[2]
+SAM_SIZES = ("vit_b", "vit_l", "vit_h")
+PEERS = {"mobilesam_vit_t": 1024, "efficientvit_sam_l0": 512, "efficientvit_sam_xl0": 1024}
+DEVICES = ("cpu", "cuda")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What makes a timing wait for the device: CUDA's synchronize, nothing on the CPU."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def interleaved(
+    calls: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each of `calls`, timed in turns after `warmup` untimed rounds;
+    `sync` runs before the clock is read (CUDA)."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            tic = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def seconds(fn: Callable[[], object], device: str) -> float:
+    """Seconds of one call of `fn` (CUDA: synchronised)."""
+    return interleaved({"call": fn}, 1, warmup=0, sync=synchronizer(device))["call"]
+
+
+def latency_ms(modules: dict[str, nn.Module], x: Tensor, repeats: int) -> dict[str, float]:
+    """Median inference ms of each module (eval mode, `inference_mode`) on `x`, the runs
+    interleaved; no warm-up (callers run every kernel before)."""
+    for module in modules.values():
+        module.eval()
+    calls = {name: (lambda m=m: m(x)) for name, m in modules.items()}
+    with torch.inference_mode():
+        found = interleaved(calls, max(repeats, 1), warmup=0, sync=synchronizer(x.device.type))
+    return {name: 1e3 * s for name, s in found.items()}
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def _reset_peak_rss() -> None:
+    """Set the process's peak RSS to its current RSS (Linux >= 4.0; elsewhere nothing happens and
+    the growth is measured over the peak so far, an underestimate)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+
+
+class PeakMemory:
+    """Context: growth of the peak RSS (`rss_growth_bytes`) and, on CUDA, of the peak allocated
+    bytes (`cuda_peak_bytes`) over what was allocated on entry (`cuda_before`)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.cuda_before = 0
+        self.result: dict[str, int | None] = {}
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.cuda_before = torch.cuda.memory_allocated()
+        _reset_peak_rss()
+        self.rss_before = _peak_rss()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.result["rss_growth_bytes"] = _peak_rss() - self.rss_before
+        self.result["cuda_peak_bytes"] = (
+            torch.cuda.max_memory_allocated() - self.cuda_before if self.cuda else None
+        )
+
+
+# --- machine ---------------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name() if device == "cuda" else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+# --- encoders --------------------------------------------------------------------------------
+
+
+def known_models() -> list[str]:
+    return [*list_students(), *SAM_SIZES, *PEERS]
+
+
+def random_init_(module: nn.Module) -> nn.Module:
+    """Small random values everywhere (fast even for ViT-H; no denormals to slow the CPU)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+    return module
+
+
+def build_encoder(name: str, image_size: int, device: str) -> tuple[nn.Module, int]:
+    """(encoder in eval mode, its input side): students and SAM at `image_size`, peers native."""
+    if name in list_students():
+        return build_student(name, img_size=image_size).to(device).eval(), image_size
+    if name in SAM_SIZES:
+        from segment_anything import sam_model_registry
+
+        with torch.device("meta"):
+            encoder = sam_model_registry[name]().image_encoder
+        if image_size != 1024:
+            raise ValueError(
+                f"{name} is measured at its native 1024 only (its position embedding is fixed)"
+            )
+        return random_init_(encoder.to_empty(device=device)).eval(), 1024
+    if name == "mobilesam_vit_t":
+        try:
+            from mobile_sam.build_sam import build_sam_vit_t
+        except ImportError as err:
+            raise ValueError(
+                "mobilesam_vit_t needs the bench extra: pip install -e '.[bench]'"
+            ) from err
+        return build_sam_vit_t().image_encoder.to(device).eval(), PEERS[name]
+    if name.startswith("efficientvit_sam_"):
+        try:
+            from efficientsam.sam_model_zoo import create_efficientvit_sam_model
+        except ImportError as err:
+            raise ValueError(f"{name} needs the bench extra: pip install -e '.[bench]'") from err
+        zoo_name = name.replace("_sam_", "-sam-").replace("_", "-")
+        return create_efficientvit_sam_model(zoo_name, pretrained=False).image_encoder.to(
+            device
+        ).eval(), PEERS[name]
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(known_models())}")
+
+
+def check_names(flag: str, names: tuple[str, ...], known: list[str]) -> None:
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"{flag}: unknown {unknown}; known: {', '.join(known)}")
+
+
+# --- child processes -------------------------------------------------------------------------
+
+_CHILD = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from importlib import import_module
+module, function = {target!r}.split(":")
+print(json.dumps(getattr(import_module(module), function)(**json.loads(sys.argv[1]))))
+"""
+
+
+class ChildFailed(RuntimeError):
+    """A child process ended with an error; `last_line` is its last line of stderr (a killed
+    child, out of memory, has no traceback: then its exit status)."""
+
+    def __init__(self, message: str, last_line: str) -> None:
+        super().__init__(message)
+        self.last_line = last_line
+
+
+def run_child(target: str, **kwargs: object) -> dict:
+    """`module:function(**kwargs)` in a fresh interpreter; its JSON result (the last line it
+    prints)."""
+    code = _CHILD.format(repo=str(REPO), target=target)
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise ChildFailed(f"{target}({kwargs}) failed:\n{done.stderr[-2000:]}", why[0])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_script(script: str, *args: str, log: Path) -> None:
+    """Run the repository's `script` with this interpreter, its output in `log`; on failure,
+    raise with the log's tail."""
+    with open(log, "w") as f:
+        done = subprocess.run(
+            [sys.executable, script, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT
+        )
+    if done.returncode:
+        tail = log.read_text().splitlines()[-20:]
+        raise RuntimeError(f"{script} failed ({done.returncode}), log {log}:\n" + "\n".join(tail))
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How the benchmark was started: `python launch/bench/NAME.py FLAGS`."""
+    path = Path(script).resolve()
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return shlex.join(["python", str(shown), *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_results(
+    path: str | Path,
+    figures: dict,
+    cfg: object,
+    *,
+    script: str,
+    argv: list[str] | None,
+    device: str = "cpu",
+) -> Path:
+    """Write one run's results JSON: `figures` with the command, the config (a dataclass), the
+    machine and the date; atomically."""
+    machine = machine_info(device)
+    record = {
+        "command": command_line(script, argv),
+        "date": machine["date"],
+        "machine": machine,
+        "config": asdict(cfg),
+        **figures,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
