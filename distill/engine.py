@@ -43,7 +43,11 @@ import torch.distributed as dist
 
 from distill.config import TrainConfig, batch_layout, deepspeed_config, warmup_steps
 from distill.schedule import lr_at
-from teachers.runtime.files import save_atomic, write_text_atomic
+from teachers.runtime.files import (
+    safe_deepspeed_checkpoint_engine,
+    save_atomic,
+    write_text_atomic,
+)
 from teachers.runtime.placement import (
     DistEnv,
     dist_env,
@@ -406,7 +410,7 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size)
         )
-        self.ds.checkpoint_engine = _safe_checkpoint_engine(self.ds._config)
+        self.ds.checkpoint_engine = safe_deepspeed_checkpoint_engine(self.ds._config)
         self.device = self.ds.device
 
     def __call__(self, *args: torch.Tensor) -> object:
@@ -438,25 +442,6 @@ class DeepSpeedEngine(Engine):
         if client is None:
             raise ValueError(f"{ckpt_dir / tag} could not be loaded as a DeepSpeed checkpoint")
         return client
-
-
-def _safe_checkpoint_engine(config):
-    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True` like every
-    checkpoint in this project (its own loader unpickles arbitrary objects). ZeRO optimizer
-    states hold three small DeepSpeed records, allowed by name and nothing else."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    class SafeCheckpointEngine(TorchCheckpointEngine):
-        ALLOWED = (LossScaler, ZeroStageEnum, fragment_address)
-
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(list(self.ALLOWED)):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return SafeCheckpointEngine(config)
 
 
 def build_engine(

@@ -46,21 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from distill.losses import structure_loss  # noqa: E402
-from launch.bench.common import (  # noqa: E402
-    DEVICES,
-    SAM_SIZES,
-    ChildFailed,
-    PeakMemory,
-    build_encoder,
-    check_device,
-    check_names,
-    default_device,
-    latency_ms,
-    machine_info,
-    run_child,
-    seconds,
-    write_results,
-)
+from launch.bench import common  # noqa: E402
 from students import list_students  # noqa: E402
 from students.adapters import list_adapters  # noqa: E402
 from students.adapters.export import adapt_sam  # noqa: E402
@@ -81,7 +67,7 @@ class AdaptBenchConfig:
     """Adapter methods, comma-separated (`students.adapters.list_adapters()`)."""
     img_size: int = 1024
     """Encoder input side (SAM: 1024)."""
-    device: str = field(default_factory=default_device, metadata={"choices": DEVICES})
+    device: str = field(default_factory=common.default_device, metadata={"choices": common.DEVICES})
     """Device to measure on."""
     repeats: int = 1
     """Timed runs after the first (median)."""
@@ -98,14 +84,14 @@ class AdaptBenchConfig:
 
     def __post_init__(self) -> None:
         encoders = [*self.encoders, *([self.sweep_encoder] if self.sweep else [])]
-        check_names("--encoders", tuple(encoders), [*list_students(), *SAM_SIZES])
-        check_names("--methods", self.methods, list_adapters())
-        if self.img_size != 1024 and set(SAM_SIZES) & set(encoders):
+        common.check_names("--encoders", tuple(encoders), [*list_students(), *common.SAM_SIZES])
+        common.check_names("--methods", self.methods, list_adapters())
+        if self.img_size != 1024 and set(common.SAM_SIZES) & set(encoders):
             raise ValueError(
                 f"--img-size {self.img_size}: SAM's ViTs run at 1024 only "
                 "(fixed position embedding)"
             )
-        check_device(self.device)
+        common.check_device(self.device)
 
 
 def build_model(encoder: nn.Module, method: str, kwargs: dict, device: str) -> PromptedSam:
@@ -212,13 +198,17 @@ def measure_config(
     batch = make_batch(model.img_size, device)
     saved = SavedTensors(model)
     tic = time.perf_counter()
-    with PeakMemory(device) as peak:
+    with common.PeakMemory(device) as peak:
         train_step(model, optimizer, batch, saved)
     first = time.perf_counter() - tic
-    steps = [seconds(lambda: train_step(model, optimizer, batch), device) for _ in range(repeats)]
+
+    def step() -> None:
+        train_step(model, optimizer, batch)
+
+    steps = [common.seconds(step, device) for _ in range(repeats)]
     # the training steps ran every kernel of both encoders already: no warm-up
     encoders = {"adapted": model.sam.image_encoder, "base": base}
-    latency = latency_ms(encoders, batch["images"], max(repeats, 1))
+    latency = common.latency_ms(encoders, batch["images"], max(repeats, 1))
     return {
         "method": method,
         "adapter_kwargs": dict(kwargs),
@@ -290,7 +280,7 @@ def cad_choice(sweep: dict, bound: float) -> dict | None:
 
 def child_row(name: str, method: str, img_size: int, device: str, repeats: int) -> dict:
     """A child process's work: one encoder with one method (a clean peak-memory reading)."""
-    encoder, _ = build_encoder(name, img_size, device)
+    encoder, _ = common.build_encoder(name, img_size, device)
     return {"encoder": name, **measure_config(encoder, method, {}, device, repeats)}
 
 
@@ -299,8 +289,10 @@ def measure_in_child(name: str, method: str, cfg: AdaptBenchConfig) -> dict:
     that says why."""
     settings = {"img_size": cfg.img_size, "device": cfg.device, "repeats": cfg.repeats}
     try:
-        return run_child("launch.bench.adapt:child_row", name=name, method=method, **settings)
-    except ChildFailed as failed:
+        return common.run_child(
+            "launch.bench.adapt:child_row", name=name, method=method, **settings
+        )
+    except common.ChildFailed as failed:
         return {"encoder": name, "method": method, "error": failed.last_line}
 
 
@@ -369,7 +361,7 @@ def print_sweep(encoder: str, sweep: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(AdaptBenchConfig, argv, __doc__)
-    machine = machine_info(cfg.device)
+    machine = common.machine_info(cfg.device)
     print(f"{json.dumps(machine)}\nbatch 1, fp32, {cfg.img_size} px, full-image box", flush=True)
     rows = []
     for name, method in itertools.product(cfg.encoders, cfg.methods):
@@ -382,11 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.sweep:
 
         def make() -> nn.Module:
-            return build_encoder(cfg.sweep_encoder, cfg.img_size, cfg.device)[0]
+            return common.build_encoder(cfg.sweep_encoder, cfg.img_size, cfg.device)[0]
 
         figures["cad_sweep"] = sweep_cad(make, cfg.cad_widths, cfg.cad_input_sizes, cfg.device)
         print_sweep(cfg.sweep_encoder, figures["cad_sweep"])
-    write_results(cfg.out, figures, cfg, script=__file__, argv=argv, device=cfg.device)
+    common.write_results(cfg.out, figures, cfg, script=__file__, argv=argv, device=cfg.device)
     return 0
 
 

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from launch.bench.common import write_results  # noqa: E402
+from launch.bench import common  # noqa: E402
 from teachers import DEFAULT_TAPS  # noqa: E402
 from teachers.codecs import (  # noqa: E402
     CODECS,
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(cfg))
     print()
     print(format_table(rows))
-    write_results(cfg.out, {"rows": rows}, cfg, script=__file__, argv=argv)
+    common.write_results(cfg.out, {"rows": rows}, cfg, script=__file__, argv=argv)
     return 0
 
 

@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -142,6 +142,13 @@ class PeakMemory:
         self.result["cuda_peak_bytes"] = (
             torch.cuda.max_memory_allocated() - self.cuda_before if self.cuda else None
         )
+
+
+def print_table(header: list[str], rows: Iterable[Sequence[object]]) -> None:
+    """A markdown table on stdout after a blank line: `header`, then one line per row of cells."""
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
 
 
 # --- machine ---------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from eval.metrics import encode_masks, mask_iou  # noqa: E402
 from eval.prompts import boxes_xyxy  # noqa: E402
 from eval.runner import predict_masks  # noqa: E402
 from eval.scenes.synthetic import make_coco  # noqa: E402
-from launch.bench.common import interleaved, machine_info, write_results  # noqa: E402
+from launch.bench import common  # noqa: E402
 from students.load import load_sam  # noqa: E402
 from students.onnx import export_onnx  # noqa: E402
 from students.prune import TARGETS, prune_student  # noqa: E402
@@ -162,7 +162,7 @@ def box_masks(sam, embedding: np.ndarray, pre: Preprocessed, boxes: np.ndarray) 
 def latencies(encoders: dict[str, Encode], image: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median ms per call of each encoder on ``image``, runs interleaved (one warm-up each)."""
     calls = {name: partial(encode, image) for name, encode in encoders.items()}
-    return {name: 1e3 * s for name, s in interleaved(calls, repeats, warmup=1).items()}
+    return {name: 1e3 * s for name, s in common.interleaved(calls, repeats, warmup=1).items()}
 
 
 def build_variants(cfg: DeployBenchConfig, sam, work: Path, calib: torch.Tensor) -> tuple:
@@ -222,16 +222,17 @@ def score(encoders: dict[str, Encode], sams: dict, sam, items: list[tuple]) -> d
 
 
 def print_table(rows: list[dict]) -> None:
-    print(
-        "\n| variant | latency ms | latency ratio to fp32 torch | model MB | embedding cosine | "
-        "relative error | box agreement mIoU |\n|---|---|---|---|---|---|---|"
+    header = ["variant", "latency ms", "latency ratio to fp32 torch", "model MB"]
+    header += ["embedding cosine", "relative error", "box agreement mIoU"]
+    latency = [(f"{r['latency_ms']:.1f}", f"{r['latency_ratio']:.2f}") for r in rows]
+    agreement = [(f"{r['cosine']:.5f}", f"{r['rel_error']:.4f}") for r in rows]
+    common.print_table(
+        header,
+        (
+            [r["variant"], *t, f"{r['bytes'] / 1e6:.2f}", *a, f"{r['box_agreement_miou']:.1f}"]
+            for r, t, a in zip(rows, latency, agreement, strict=True)
+        ),
     )
-    for r in rows:
-        print(
-            f"| {r['variant']} | {r['latency_ms']:.1f} | {r['latency_ratio']:.2f} | "
-            f"{r['bytes'] / 1e6:.2f} | {r['cosine']:.5f} | {r['rel_error']:.4f} | "
-            f"{r['box_agreement_miou']:.1f} |"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in encoders
     ]
-    machine = machine_info("cpu")
+    machine = common.machine_info("cpu")
     print(
         json.dumps(machine),
         f"\n{cfg.ckpt}: {size} px, batch 1, {cfg.num_images} generated images",
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     int8 = {r["variant"]: r["latency_ms"] for r in rows if r["variant"].startswith("int8_")}
     print(f"\nfastest int8 path: {min(int8, key=int8.get)}")
-    write_results(cfg.out, {"rows": rows}, cfg, script=__file__, argv=argv)
+    common.write_results(cfg.out, {"rows": rows}, cfg, script=__file__, argv=argv)
     return 0
 
 

@@ -32,7 +32,7 @@ from distill.data import DataSpec, StreamLayout, make_loader  # noqa: E402
 from distill.engine import build_engine  # noqa: E402
 from distill.train import DistillLoss, DistillModel  # noqa: E402
 from eval.scenes.synthetic import make_coco  # noqa: E402
-from launch.bench.common import interleaved, write_results  # noqa: E402
+from launch.bench import common  # noqa: E402
 from students import build_student  # noqa: E402
 from students.taps import student_taps_for  # noqa: E402
 from teachers.build import TEACHER_SIZES, build_vit_tiny, sam_model_registry  # noqa: E402
@@ -130,7 +130,7 @@ def run(cfg: BenchConfig, images: str, teacher: Teacher) -> list[tuple[str, floa
         }
         engine.step(iter([batch]))
 
-    per_step = interleaved(
+    per_step = common.interleaved(
         {
             "loader": lambda: next(loader),
             "step": lambda: engine.step(iter([fixed])),
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = dict(run(cfg, str(images), teacher))
     report(cfg, rates)
     figures = {"images_per_s": rates}
-    write_results(Path(cfg.out) / "results.json", figures, cfg, script=__file__, argv=argv)
+    common.write_results(Path(cfg.out) / "results.json", figures, cfg, script=__file__, argv=argv)
     return 0
 
 

@@ -46,7 +46,7 @@ from eval.metrics import encode_masks, mask_iou  # noqa: E402
 from eval.prompts import Protocol, box_xyxy  # noqa: E402
 from eval.runner import Model, Task, run_images  # noqa: E402
 from eval.scenes.synthetic import make_coco  # noqa: E402
-from launch.bench.common import write_results  # noqa: E402
+from launch.bench import common  # noqa: E402
 from students.load import load_sam  # noqa: E402
 from teachers.build import random_vit_tiny  # noqa: E402
 from teachers.preprocess import load_image  # noqa: E402
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     result = bench(cfg)
     print(format_result(result))
-    write_results(cfg.out, result, cfg, script=__file__, argv=argv)
+    common.write_results(cfg.out, result, cfg, script=__file__, argv=argv)
     return 0
 
 

@@ -45,14 +45,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from launch.bench.common import (  # noqa: E402
-    DEVICES,
-    check_device,
-    default_device,
-    latency_ms,
-    machine_info,
-    write_results,
-)
+from launch.bench import common  # noqa: E402
 from students.adapters.mea import MEABlock  # noqa: E402
 from teachers.runtime.flags import parse_config  # noqa: E402
 
@@ -80,7 +73,7 @@ class MetaBenchConfig:
     """MEA stripe width (meta's default)."""
     window: int = 14
     """ViT window side (SAM's)."""
-    device: str = field(default_factory=default_device, metadata={"choices": DEVICES})
+    device: str = field(default_factory=common.default_device, metadata={"choices": common.DEVICES})
     """Device to measure on."""
     out: str = "runs/bench_meta.json"
     """Results JSON: every figure, the command, the machine and the date."""
@@ -90,7 +83,7 @@ class MetaBenchConfig:
             raise ValueError("--repeats and every --batches entry must be at least 1")
         if self.heads < 2 or self.heads % 2 or self.width % self.heads:
             raise ValueError(f"--heads {self.heads}: must be even and divide --width {self.width}")
-        check_device(self.device)
+        common.check_device(self.device)
 
 
 class SdpaAttention(Attention):
@@ -196,7 +189,7 @@ def measure(cfg: MetaBenchConfig) -> list[dict]:
     rows = []
     for batch in cfg.batches:
         x = torch.randn(batch, cfg.grid, cfg.grid, cfg.width, device=cfg.device)
-        latency = latency_ms(blocks, x, cfg.repeats)
+        latency = common.latency_ms(blocks, x, cfg.repeats)
         for name, block in blocks.items():
             row = {"block": name, "batch": batch, "params": num_params(block)}
             row |= {"gflops": gflops(block, x), "latency_ms": latency[name]}
@@ -225,24 +218,21 @@ def verdict(rows: list[dict], baseline: str = "vit_sdpa") -> list[str]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(
-        "\n| block | batch | params | GFLOPs | latency ms | norm kernels | copy kernels | "
-        "copy MiB | norm + copy ms / all ms (profiled) | view calls |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| `{r['block']}` | {r['batch']} | {r['params']:,} | {r['gflops']:.1f} | "
-            f"{r['latency_ms']:.1f} | {r['norm_kernels']} | {r['copy_kernels']} | "
-            f"{r['copy_bytes'] / 2**20:.1f} | {r['norm_ms'] + r['copy_ms']:.1f} / "
-            f"{r['profiled_ms']:.1f} | "
-            f"{r['view_calls']} |"
-        )
+    header = ["block", "batch", "params", "GFLOPs", "latency ms", "norm kernels", "copy kernels"]
+    header += ["copy MiB", "norm + copy ms / all ms (profiled)", "view calls"]
+    common.print_table(header, (_cells(r) for r in rows))
+
+
+def _cells(r: dict) -> list[object]:
+    kernels = [r["norm_kernels"], r["copy_kernels"], f"{r['copy_bytes'] / 2**20:.1f}"]
+    times = f"{r['norm_ms'] + r['copy_ms']:.1f} / {r['profiled_ms']:.1f}"
+    cells = [f"`{r['block']}`", r["batch"], f"{r['params']:,}", f"{r['gflops']:.1f}"]
+    return [*cells, f"{r['latency_ms']:.1f}", *kernels, times, r["view_calls"]]
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(MetaBenchConfig, argv, __doc__)
-    machine = machine_info(cfg.device)
+    machine = common.machine_info(cfg.device)
     print(
         f"{json.dumps(machine)}\n{cfg.grid}x{cfg.grid} tokens, width {cfg.width}, "
         f"{cfg.heads} heads, stripe {cfg.stripe}, window {cfg.window}, fp32",
@@ -253,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = verdict(rows)
     print("\n" + "\n".join(lines))
     figures = {"rows": rows, "verdict": lines}
-    write_results(cfg.out, figures, cfg, script=__file__, argv=argv, device=cfg.device)
+    common.write_results(cfg.out, figures, cfg, script=__file__, argv=argv, device=cfg.device)
     return 0
 
 

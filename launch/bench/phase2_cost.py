@@ -20,7 +20,7 @@ import statistics  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from eval.scenes.synthetic import make_coco  # noqa: E402
-from launch.bench.common import run_script, write_results  # noqa: E402
+from launch.bench import common  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 from teachers.cache import plan_cache, write_cache  # noqa: E402
 from teachers.runtime.flags import parse_config  # noqa: E402
@@ -57,7 +57,7 @@ def distill(out: Path, cache: Path, steps: int, extra: list[str]) -> list[float]
     args += ["--batch-size", "4", "--student", "dfa_t"]
     args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
     args += ["--log-every", str(steps), *extra]
-    run_script("launch/distill.py", *args, log=out.with_name(f"{out.name}.log"))
+    common.run_script("launch/distill.py", *args, log=out.with_name(f"{out.name}.log"))
     with open(out / "log.csv", newline="") as f:
         return [float(r["images_per_s"]) for r in csv.DictReader(f)]
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = statistics.median(values)
         rows.append({"variant": name, "images_per_s": rate, "time_vs_phase1": base / rate})
         print(f"{name:<36} {rate:>9.2f} {base / rate:>25.2f}x")
-    write_results(out / "results.json", {"rows": rows}, cfg, script=__file__, argv=argv)
+    common.write_results(out / "results.json", {"rows": rows}, cfg, script=__file__, argv=argv)
     return 0
 
 

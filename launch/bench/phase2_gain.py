@@ -34,7 +34,7 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 
 from eval.scenes.domain import domain_as_coco, make_domain  # noqa: E402
-from launch.bench.common import run_script, write_results  # noqa: E402
+from launch.bench import common  # noqa: E402
 from students import load_sam  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 from teachers.build import random_vit_tiny  # noqa: E402
@@ -62,24 +62,25 @@ class GainConfig:
     out: str = "runs/bench_phase2_gain"
     """Work folder (stages already done there are reused), and OUT/gain.json."""
     train_images: int = 1024
-    """Cached training images."""
+    """Images of the domain whose teacher features are cached for both arms."""
     held_images: int = 192
-    """Held-out images."""
+    """Held-out images of the domain, one object each, scored with its box as the prompt
+    (eval/coco.py --compare-ckpt against the teacher)."""
     teacher_steps: int = 300
-    """Teacher adaptation steps."""
+    """Steps of the teacher's adaptation (LoRA, merged, and its mask decoder)."""
     phase1_steps: int = 600
-    """Steps of the base student."""
+    """Steps of the phase-1 student both arms start from."""
     extra_steps: int = 150
-    """Steps of each arm."""
+    """Steps of each arm from that student: more phase 1 (the final embedding only), or phase 2
+    (EdgeSAM's hard targets); the one-schedule arm distils phase1 + extra steps at once."""
     batch_size: int = 8
     """Batch size of every run."""
     seed: int = 0
     """Seed of the generated data."""
 
     def __post_init__(self) -> None:
-        counts = ("train_images", "held_images", "teacher_steps", "phase1_steps", "extra_steps")
-        for name in (*counts, "batch_size"):
-            if getattr(self, name) < 1:
+        for name, value in vars(self).items():
+            if name not in ("out", "seed") and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
@@ -103,7 +104,7 @@ def make_teacher(out: Path, steps: int, seed: int) -> Path:
     ]
     args += ["--steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--val-every", str(steps)]
     args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
-    run_script("launch/adapt.py", *args, log=out / "teacher.log")
+    common.run_script("launch/adapt.py", *args, log=out / "teacher.log")
     return save_atomic(load_sam(out / "teacher" / "adapted.pt").state_dict(), path)
 
 
@@ -115,7 +116,7 @@ def distill(out: Path, name: str, steps: int, batch_size: int, extra: list[str])
         args += ["--batch-size", str(batch_size), "--teacher-ckpt", str(out / "teacher.pth")]
         args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
         args += ["--log-every", "50", "--checkpoint-every", str(steps), *extra]
-        run_script("launch/distill.py", *args, log=out / f"{name}.log")
+        common.run_script("launch/distill.py", *args, log=out / f"{name}.log")
     return student
 
 
@@ -125,7 +126,9 @@ def agreements(out: Path, name: str, student: Path, protocol: str) -> dict[int, 
     if not report.exists():
         args = ["--ckpt", str(student), "--coco-root", str(out / "held"), "--device", "cpu"]
         args += ["--compare-ckpt", str(out / "teacher.pth"), "--out", str(report)]
-        run_script("eval/coco.py", *args, *PROTOCOLS[protocol], log=report.with_suffix(".log"))
+        common.run_script(
+            "eval/coco.py", *args, *PROTOCOLS[protocol], log=report.with_suffix(".log")
+        )
     rows = report.with_name(report.name + ".instances.jsonl").read_text().splitlines()
     return {r["id"]: 100 * r["agreement"][0] for r in map(json.loads, rows)}
 
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = {k: v for k, v in vars(cfg).items() if k != "out"}
     result = measure(out, **setup)
     print_result(result)
-    write_results(out / "gain.json", result, cfg, script=__file__, argv=argv)
+    common.write_results(out / "gain.json", result, cfg, script=__file__, argv=argv)
     return 0
 
 

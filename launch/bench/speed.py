@@ -27,21 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from launch.bench.common import (  # noqa: E402
-    DEVICES,
-    SAM_SIZES,
-    PeakMemory,
-    build_encoder,
-    check_device,
-    check_names,
-    default_device,
-    interleaved,
-    known_models,
-    machine_info,
-    run_child,
-    synchronizer,
-    write_results,
-)
+from launch.bench import common  # noqa: E402
 from teachers.runtime.flags import parse_config  # noqa: E402
 
 DEFAULT_MODELS = (
@@ -58,7 +44,7 @@ class SpeedConfig:
     vit_l, vit_h, and the peers mobilesam_vit_t, efficientvit_sam_l0, efficientvit_sam_xl0."""
     image_size: int = 1024
     """Input side for students and SAM (peers use their native size)."""
-    device: str = field(default_factory=default_device, metadata={"choices": DEVICES})
+    device: str = field(default_factory=common.default_device, metadata={"choices": common.DEVICES})
     """Device to measure on."""
     baseline: str = "vit_h"
     """Model the ratios are taken against."""
@@ -72,18 +58,18 @@ class SpeedConfig:
     """Results JSON: every figure, the command, the machine and the date."""
 
     def __post_init__(self) -> None:
-        check_names("--models", self.models, known_models())
-        check_device(self.device)
+        common.check_names("--models", self.models, common.known_models())
+        common.check_device(self.device)
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError("--repeats must be at least 1 and --warmup at least 0")
 
 
 def count_gflops(name: str, image_size: int) -> float:
     """Forward GFLOPs at batch 1, counted on the meta device (nothing is computed)."""
-    if name in SAM_SIZES:
-        model, size = build_encoder(name, image_size, "meta")
+    if name in common.SAM_SIZES:
+        model, size = common.build_encoder(name, image_size, "meta")
     else:  # some peers compute values while they build, so build on the CPU and move
-        model, size = build_encoder(name, image_size, "cpu")
+        model, size = common.build_encoder(name, image_size, "cpu")
         model = model.to("meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -93,11 +79,11 @@ def count_gflops(name: str, image_size: int) -> float:
 
 def measure(name: str, image_size: int, device: str, warmup: int, repeats: int) -> dict:
     """One encoder's row (run in a child process)."""
-    model, size = build_encoder(name, image_size, device)
+    model, size = common.build_encoder(name, image_size, device)
     x = torch.randn(1, 3, size, size, device=device)
-    with PeakMemory(device) as peak, torch.inference_mode():
-        forward = {"forward": lambda: model(x)}
-        seconds = interleaved(forward, repeats, warmup, synchronizer(device))["forward"]
+    forward, sync = {"forward": lambda: model(x)}, common.synchronizer(device)
+    with common.PeakMemory(device) as peak, torch.inference_mode():
+        seconds = common.interleaved(forward, repeats, warmup, sync)["forward"]
     if device == "cuda":
         peak_bytes = peak.result["cuda_peak_bytes"] + peak.cuda_before
     else:
@@ -146,51 +132,52 @@ def attention_table(device: str, repeats: int, dim: int = 128, heads: int = 4) -
             "windowed_ms": partial(windowed_attention, q, k, v, 14),
         }
         with torch.inference_mode():
-            found = interleaved(calls, repeats, 1, synchronizer(device))
+            found = common.interleaved(calls, repeats, 1, common.synchronizer(device))
         rows.append({"tokens": side * side} | {key: 1e3 * s for key, s in found.items()})
     return rows
 
 
 def print_tables(rows: list[dict], baseline: str, attention: list[dict] | None) -> None:
     base = next((r for r in rows if r["model"] == baseline), None)
-    print(
-        "\n| model | input | params (M) | GFLOPs | latency (ms) | peak memory (MB) | "
-        f"speed-up vs {baseline} |\n|---|---|---|---|---|---|---|"
+    header = ["model", "input", "params (M)", "GFLOPs", "latency (ms)", "peak memory (MB)"]
+    common.print_table(
+        [*header, f"speed-up vs {baseline}"],
+        (
+            [r["model"], r["input"], f"{r['params_m']:.2f}", f"{r['gflops']:.1f}"]
+            + [f"{r['latency_ms']:.1f}", f"{r['peak_mb']:.0f}"]
+            + [f"{base['latency_ms'] / r['latency_ms']:.1f}x" if base else "n/a"]
+            for r in rows
+        ),
     )
-    for r in rows:
-        ratio = f"{base['latency_ms'] / r['latency_ms']:.1f}x" if base else "n/a"
-        print(
-            f"| {r['model']} | {r['input']} | {r['params_m']:.2f} | {r['gflops']:.1f} | "
-            f"{r['latency_ms']:.1f} | {r['peak_mb']:.0f} | {ratio} |"
-        )
     if not attention:
         return
     first = attention[0]
-    print("\n| tokens | DFA (ms) | global (ms) | windowed 14 (ms) | DFA growth | global growth |")
-    print("|---|---|---|---|---|---|")
-    for r in attention:
-        print(
-            f"| {r['tokens']} | {r['dfa_ms']:.2f} | {r['global_ms']:.2f} | "
-            f"{r['windowed_ms']:.2f} | {r['dfa_ms'] / first['dfa_ms']:.2f}x | "
-            f"{r['global_ms'] / first['global_ms']:.2f}x |"
-        )
+    times = ["DFA (ms)", "global (ms)", "windowed 14 (ms)"]
+    common.print_table(
+        ["tokens", *times, "DFA growth", "global growth"],
+        (
+            [r["tokens"], *(f"{r[k]:.2f}" for k in ("dfa_ms", "global_ms", "windowed_ms"))]
+            + [f"{r[k] / first[k]:.2f}x" for k in ("dfa_ms", "global_ms")]
+            for r in attention
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SpeedConfig, argv, __doc__)
-    machine = machine_info(cfg.device)
+    machine = common.machine_info(cfg.device)
     where = machine["cuda_device"] or f"{machine['processor']}, {machine['torch_threads']} threads"
     print(f"{cfg.device} ({where}), torch {torch.__version__}, batch 1, fp32, {machine['date']}")
     rows = []
     for name in cfg.models:
         settings = {"image_size": cfg.image_size, "device": cfg.device}
         settings |= {"warmup": cfg.warmup, "repeats": cfg.repeats}
-        rows.append(run_child("launch.bench.speed:measure", name=name, **settings))
+        rows.append(common.run_child("launch.bench.speed:measure", name=name, **settings))
         print(f"  measured {name}: {rows[-1]['latency_ms']:.1f} ms", flush=True)
     attention = attention_table(cfg.device, cfg.repeats) if cfg.attention else None
     print_tables(rows, cfg.baseline, attention)
     figures = {"models": rows} | ({"attention": attention} if attention else {})
-    write_results(cfg.out, figures, cfg, script=__file__, argv=argv, device=cfg.device)
+    common.write_results(cfg.out, figures, cfg, script=__file__, argv=argv, device=cfg.device)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Files: `torch.load` with `weights_only=True` and errors that name the file, sha256, and atomic
 writes.
 
-Every checkpoint of the project is read through `safe_load` (never a bare `torch.load`), and every
+Every checkpoint of the project is read with `weights_only=True`: files through `safe_load`,
+DeepSpeed's training checkpoints through `safe_deepspeed_checkpoint_engine`. Every
 file a reader may meet half-written (manifests, evaluation results, `student.pt`, `adapted.pt`,
 training checkpoints) is written through `atomic_write`: a temporary file beside the target, its
 name unique across processes and nodes (`.NAME.HOST.PID.RANDOM.tmp`), synced, then renamed onto
@@ -143,3 +144,22 @@ def check_flat(state: object, path: str | Path) -> dict[str, torch.Tensor]:
             + (" (a training checkpoint? export its model state dict)" if "model" in bad else "")
         )
     return state
+
+
+def safe_deepspeed_checkpoint_engine(config: object) -> object:
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True` like every
+    checkpoint in this project (its own loader unpickles arbitrary objects). ZeRO optimizer
+    states hold three small DeepSpeed records, allowed by name and nothing else."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        ALLOWED = (LossScaler, ZeroStageEnum, fragment_address)
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(list(self.ALLOWED)):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeCheckpointEngine(config)

@@ -173,6 +173,13 @@ def _trained_like(base, method, seed=0, **kwargs):
     return sam.eval()
 
 
+def _save(path, sam, base_path, method: str, kwargs: dict, *, merged: bool, step: int):
+    """`save_adapted` of `sam`, adapted from the base at `base_path`."""
+    base = {"base_path": base_path, "base_state": load_sam(base_path).state_dict()}
+    options = {"method": method, "adapter_kwargs": kwargs, "merged": merged, "step": step}
+    return save_adapted(path, sam, **base, **options)
+
+
 ROUND_TRIP_OPTIONS = {"cad": {"width": 8, "input_size": 64}, "meta": {"width": 16, "stripe": 4}}
 
 
@@ -180,16 +187,7 @@ ROUND_TRIP_OPTIONS = {"cad": {"width": 8, "input_size": 64}, "meta": {"width": 1
 def test_adapted_pt_round_trip_in_sam_predictor(tmp_path, tiny_ckpt, method):
     kwargs = ROUND_TRIP_OPTIONS.get(method, {})
     sam = _trained_like(tiny_ckpt, method, **kwargs)
-    path = save_adapted(
-        tmp_path / "adapted.pt",
-        sam,
-        base_path=tiny_ckpt,
-        base_state=load_sam(tiny_ckpt).state_dict(),
-        method=method,
-        adapter_kwargs=kwargs,
-        merged=False,
-        step=7,
-    )
+    path = _save(tmp_path / "adapted.pt", sam, tiny_ckpt, method, kwargs, merged=False, step=7)
     payload = torch.load(path, weights_only=True)
     delta = payload["state_dict"]
     assert not any("patch_embed" in k or k.endswith("qkv.base.weight") for k in delta)
@@ -210,16 +208,7 @@ def test_adapted_pt_round_trip_in_sam_predictor(tmp_path, tiny_ckpt, method):
 
 def test_adapted_pt_refuses_a_base_with_another_sha256(tmp_path, tiny_ckpt, other_base):
     sam = _trained_like(tiny_ckpt, "lora")
-    path = save_adapted(
-        tmp_path / "a.pt",
-        sam,
-        base_path=tiny_ckpt,
-        base_state=load_sam(tiny_ckpt).state_dict(),
-        method="lora",
-        adapter_kwargs={},
-        merged=False,
-        step=1,
-    )
+    path = _save(tmp_path / "a.pt", sam, tiny_ckpt, "lora", {}, merged=False, step=1)
     recorded = torch.load(path, weights_only=True)["base"]["sha256"]
     with pytest.raises(ValueError) as err:
         load_sam(path, base=other_base)
@@ -236,16 +225,7 @@ def test_merged_lora_exports_plain_qkv_weights(tmp_path, tiny_ckpt):
     with torch.no_grad():
         before = sam.image_encoder(image)
     sam.image_encoder = sam.image_encoder.merge()
-    path = save_adapted(
-        tmp_path / "m.pt",
-        sam,
-        base_path=tiny_ckpt,
-        base_state=load_sam(tiny_ckpt).state_dict(),
-        method="lora",
-        adapter_kwargs={},
-        merged=True,
-        step=1,
-    )
+    path = _save(tmp_path / "m.pt", sam, tiny_ckpt, "lora", {}, merged=True, step=1)
     delta = torch.load(path, weights_only=True)["state_dict"]
     assert any(k.endswith("attn.qkv.weight") for k in delta)
     assert not any("lora" in k for k in delta)
