@@ -46,6 +46,7 @@ from teachers.sam_mini import SAM_MINI_IMG_SIZE
 
 Scenes = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
 BOX, MAX_CLICKS = 0, 3
+FOCAL_ALPHA = 0.75  # the weight of object pixels in the focal loss (see `mask_losses`)
 VAL_OFFSET = 0  # held scenes 0 .. val_scenes - 1
 
 
@@ -117,13 +118,16 @@ class PromptedTrainer(torch.nn.Module):
 
 def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output: SAM's mask loss, 20 x focal + Dice (the SAM paper, section 3: a 20:1 linear
-    combination; focal with alpha 0.25, gamma 2 from torchvision), and the IoU reached.
+    combination; torchvision's sigmoid focal loss, gamma 2), and the IoU reached.
     logits [..., L, L], target [..., L, L] in {0, 1} -> (loss [...], iou [...]).
 
-    The focal term matters: plain BCE over the whole image, where an object covers a few
-    percent, is first minimised by predicting background everywhere, and Dice alone pulls out of
-    that slowly; focal loss down-weights the easy background pixels."""
-    focal = sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="none")
+    From scratch, an object covers a few percent of the image, and a loss that weighs background
+    pixels as much or more (BCE, or focal with RetinaNet's alpha 0.25) is first minimised by
+    predicting background everywhere; the sigmoid then saturates and Dice pulls out slowly.
+    `FOCAL_ALPHA` 0.75 weighs the object's pixels three to one instead: on one batch overfit for
+    30 steps it reaches IoU 0.50 where 0.25 reaches 0.27 after sitting at empty masks for 20
+    steps (and a full run with 0.25 still predicted empty masks at step 270)."""
+    focal = sigmoid_focal_loss(logits, target, alpha=FOCAL_ALPHA, gamma=2.0, reduction="none")
     focal = focal.mean((-2, -1))
     prob = logits.sigmoid()
     dice = 1 - (2 * (prob * target).sum((-2, -1)) + 1) / (
