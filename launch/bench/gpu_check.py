@@ -186,141 +186,66 @@ def _child(cmd: list[str], log: Path, timeout: int, env: dict | None = None) -> 
     return row
 
 
-def pipeline(cfg: GpuCheckConfig) -> dict:
-    """Stage 2: cache, distill (DeepSpeed, one process), phase 2, adapt, evaluate, on the device."""
-    from eval.scenes.photos import make_camouflage_domain, make_photo_coco
+def _flags(**values: object) -> list[str]:
+    """`--key-name value` for each keyword (True: a bare flag)."""
+    out: list[str] = []
+    for key, value in values.items():
+        out += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return out
 
+
+def pipeline_commands(cfg: GpuCheckConfig) -> dict[str, list[str]]:
+    """Each step of stage 2 as the command a user would type, in order."""
     out, s, py = Path(cfg.out), cfg.sizes, sys.executable
-    out.mkdir(parents=True, exist_ok=True)
-    make_photo_coco(out / "train", "train", s["images"], seed=1)
-    make_photo_coco(out / "held", "held", s["held"], seed=1)
-    make_camouflage_domain(out / "domain", s["images"], s["held"], seed=1)
-    dev = ["--device", cfg.device]
-    bf16 = ["--precision", "bf16"] if cfg.device == "cuda" else []
-    quiet = ["--no-progress", "--log-every", "10"]
-    deepspeed = str(Path(py).parent / "deepspeed")
     student = out / "distill" / "student.pt"
-    steps = {
-        "cache": [
-            py,
-            "launch/cache_teacher.py",
-            "--teacher",
-            "sam_mini",
-            "--images",
-            str(out / "train"),
-            "--out",
-            str(out / "cache"),
-            "--workers",
-            "0",
-            *dev,
-        ],
+    run = _flags(device=cfg.device, no_progress=True, log_every=10, workers=0)
+    if cfg.device == "cuda":
+        run += _flags(precision="bf16")
+    port = os.environ.get("GPU_CHECK_PORT", "29671")
+    deepspeed = [str(Path(py).parent / "deepspeed"), "--num_gpus", "1", "--master_port", port]
+    adapt = _flags(ckpt=student, data=out / "domain", steps=s["adapt"], batch_size=4) + run
+    cache = _flags(teacher="sam_mini", images=out / "train", out=out / "cache", workers=0)
+    teacher = REPO / "teachers" / "weights" / "sam_mini.pth"
+    return {
+        "cache": [py, "launch/cache_teacher.py", *cache, *_flags(device=cfg.device)],
         "distill": [
-            deepspeed,
-            "--num_gpus",
-            "1",
-            "--master_port",
-            os.environ.get("GPU_CHECK_PORT", "29671"),
+            *deepspeed,
             "launch/distill.py",
-            "--shards",
-            str(out / "cache"),
-            "--student",
-            "dfa_s",
-            "--out",
-            str(out / "distill"),
-            "--steps",
-            str(s["steps"]),
-            "--batch-size",
-            "8",
-            "--workers",
-            "1",
-            *dev,
-            *bf16,
-            *quiet,
+            *_flags(shards=out / "cache", student="dfa_s", out=out / "distill"),
+            *_flags(steps=s["steps"], batch_size=8, engine="deepspeed"),
+            *run,
         ],
         "phase2": [
             py,
             "launch/distill.py",
-            "--phase",
-            "decoder",
-            "--init",
-            str(student),
-            "--shards",
-            str(out / "cache"),
-            "--out",
-            str(out / "phase2"),
-            "--steps",
-            str(s["phase2"]),
-            "--batch-size",
-            "4",
-            "--engine",
-            "torch",
-            "--workers",
-            "0",
-            *dev,
-            *bf16,
-            *quiet,
+            *_flags(phase="decoder", init=student, shards=out / "cache", out=out / "phase2"),
+            *_flags(steps=s["phase2"], batch_size=4, engine="torch"),
+            *run,
         ],
-        "adapt_cad": [
-            py,
-            "launch/adapt.py",
-            "--ckpt",
-            str(student),
-            "--method",
-            "cad",
-            "--data",
-            str(out / "domain"),
-            "--out",
-            str(out / "adapt_cad"),
-            "--steps",
-            str(s["adapt"]),
-            "--batch-size",
-            "4",
-            "--workers",
-            "0",
-            *dev,
-            *bf16,
-            *quiet,
-        ],
+        "adapt_cad": [py, "launch/adapt.py", *adapt, "--method", "cad", "--out", str(out / "cad")],
         "adapt_conv_lora": [
-            py,
-            "launch/adapt.py",
-            "--ckpt",
-            str(student),
-            "--method",
-            "conv_lora",
-            "--data",
-            str(out / "domain"),
-            "--out",
-            str(out / "adapt_conv_lora"),
-            "--steps",
-            str(s["adapt"]),
-            "--batch-size",
-            "4",
-            "--workers",
-            "0",
-            *dev,
-            *bf16,
-            *quiet,
+            *[py, "launch/adapt.py", *adapt],
+            *_flags(method="conv_lora", out=out / "conv_lora"),
         ],
         "eval": [
-            py,
-            "eval/coco.py",
-            "--ckpt",
-            str(student),
-            "--coco-root",
-            str(out / "held"),
-            "--compare-ckpt",
-            str(REPO / "teachers" / "weights" / "sam_mini.pth"),
-            "--baseline",
-            "box",
-            "--out",
-            str(out / "eval.json"),
-            *dev,
-            "--no-progress",
+            *[py, "eval/coco.py", *_flags(ckpt=student, coco_root=out / "held")],
+            *_flags(compare_ckpt=teacher, baseline="box", out=out / "eval.json"),
+            *_flags(device=cfg.device, no_progress=True),
         ],
     }
+
+
+def pipeline(cfg: GpuCheckConfig) -> dict:
+    """Stage 2: cache, distill (DeepSpeed, one process), phase 2, adapt, evaluate, on the device."""
+    from eval.scenes.photos import make_camouflage_domain, make_photo_coco
+
+    out, s = Path(cfg.out), cfg.sizes
+    out.mkdir(parents=True, exist_ok=True)
+    make_photo_coco(out / "train", "train", s["images"], seed=1)
+    make_photo_coco(out / "held", "held", s["held"], seed=1)
+    make_camouflage_domain(out / "domain", s["images"], s["held"], seed=1)
     rows = {}
-    for name, cmd in steps.items():
+    for name, cmd in pipeline_commands(cfg).items():
         rows[name] = _child(cmd, out / f"{name}.log", cfg.timeout)
     if rows["eval"]["ran"]:
         figures = json.loads((out / "eval.json").read_text())
