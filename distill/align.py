@@ -1,7 +1,7 @@
 """Phase 2, decoder alignment: the masks SAM's decoder draws from the student's embedding are
 trained to match the ones the teacher's decoder draws from the teacher's, prompt by prompt.
 
-EdgeSAM's prompt-in-the-loop distillation (`reference/peer_pipelines.md` section 2.2) with its
+EdgeSAM's prompt-in-the-loop distillation (Zhou et al., arXiv 2312.06660) with its
 trick that fits a feature cache: the teacher's prompt encoder and mask decoder run on the
 *cached* teacher embedding, so phase 2 never runs the teacher's image encoder. Per image, up to
 `--max-prompts` prompts come from the annotations the cache carries (`distill.prompting`); the

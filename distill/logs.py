@@ -107,7 +107,7 @@ def plot_run(out: Path, pair_names: list[str], dld: bool = True) -> Path:
 
 
 def plot_dld_modes(path: Path, pair_names: list[str], **kwargs: float) -> Path:
-    """A figure of every DLD mode's weights over a run, for the README."""
+    """A figure of every DLD mode's weights over a run, for distill/README.md."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,7 +1,7 @@
 """Prompts for phase 2 (decoder alignment): sampled from a cached image's annotations, decoded by
 SAM's prompt encoder and mask decoder, refined by clicks where student and teacher disagree.
 
-EdgeSAM's prompt-in-the-loop distillation (`reference/peer_pipelines.md` section 2.2) samples box
+EdgeSAM's prompt-in-the-loop distillation (Zhou et al., arXiv 2312.06660) samples box
 or point prompts from the SA-1B annotations, decodes them with the teacher's and the student's
 decoder, then adds clicks sampled in the regions where the two masks differ. Here:
 

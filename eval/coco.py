@@ -4,7 +4,7 @@
     python eval/coco.py --ckpt sam_vit_h_4b8939.pth --coco-root /data/coco --prompt point --num-clicks 5
     python eval/coco.py --ckpt runs/dfa_s/student.pt --coco-root /data/coco --det-json coco_vitdet.json
 
-Flags and protocol: eval/cli.py and the README's evaluation section.
+Flags and protocol: eval/cli.py and eval/README.md.
 """
 
 import sys

@@ -3,7 +3,7 @@
     python eval/lvis.py --ckpt runs/dfa_s/student.pt --lvis-root /data/lvis --coco-root /data/coco
 
 Images are read from COCO's train2017/ and val2017/ folders, by the last two parts of each
-image's coco_url. Flags and protocol: eval/cli.py and the README's evaluation section.
+image's coco_url. Flags and protocol: eval/cli.py and eval/README.md.
 """
 
 import sys

@@ -4,7 +4,7 @@
   `mask_threshold = 0.0` on logits, which is what CAD's evaluation scores (`masks_pred = masks >
   self.mask_threshold`, Kyyle2114/Convolutional-Adapter-for-Segment-Anything,
   `segment_anything_cad/modeling/sam.py`, then per-image `IoU`/`Dice` in `utils/metrics.py`).
-  reference/adapters.md does not state the threshold behind Conv-LoRA's IoU figures.
+  Conv-LoRA's paper (arXiv 2401.17868) does not state the threshold behind its IoU figures.
 * MAE: mean over images of mean |prob - gt|, on the map as given.
 * BER, the shadow papers' balanced error rate: 100 * (1 - 0.5 * (TP/P + TN/N)) with TP, TN, P, N
   summed over the whole set before the ratio (as the SBU/ISTD evaluation scripts do, e.g.

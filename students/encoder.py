@@ -248,8 +248,8 @@ def _build(sizes: dict[str, Any], overrides: dict[str, Any]) -> DFAEncoder:
     return DFAEncoder(**{**sizes, **overrides})
 
 
-# Sizes live only here. GFLOPs (torch FlopCounterMode, 2 per multiply-add), parameters and
-# 2-core CPU latency at 1024x1024 belong in the README speed table. Every DFA block
+# Sizes live only here; launch/bench/tables.py renders their parameters and GFLOPs into the
+# docs, and launch/bench/speed.py measures their latency. Every DFA block
 # mixes an 8x8 local tile (r = 1, covers every token and head) with a 32x32 tile dilated by 2
 # (one head per (row, column) offset); the last DFA blocks swap the dilated tile for the whole
 # 64x64 grid at 1024 input, so every token reaches the full image.

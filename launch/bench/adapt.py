@@ -12,9 +12,9 @@ trains it (`adapt_sam`, `set_trainable(sam, True)`, structure loss, AdamW). Per 
 * trainable parameters: everything `set_trainable` leaves trainable (adapter + mask decoder), and
   the adapter's share (`AdaptedEncoder.num_trainable`);
 * bytes saved for backward in one training forward: unique tensor storages seen by
-  `torch.autograd.graph.saved_tensors_hooks`, parameters and buffers excluded (the method of
-  `reference/adapters.md` section 6), split into the frozen encoder (with any adapter inside it),
-  the adapter's parts beside it (CAD's CNN, META's side network), and the rest (mask decoder);
+  `torch.autograd.graph.saved_tensors_hooks`, parameters and buffers excluded, split into the
+  frozen encoder (with any adapter inside it), the adapter's parts beside it (CAD's CNN, META's
+  side network), and the rest (mask decoder);
 * peak memory of the first training step (forward, backward, AdamW step with its state): growth
   of the process's peak RSS (CPU; `/proc/self/clear_refs` resets the peak on Linux) and of
   `torch.cuda.max_memory_allocated` (CUDA);

@@ -1,6 +1,6 @@
 r"""META's own claim, block against block: an MEA block launches fewer memory-access kernels
 (normalisations, reshapes and copies) than a ViT block of the same width and parameter count,
-and so runs faster (Zhang et al., ICLR 2025, arXiv 2502.01962; ``reference/adapters.md`` s. 3).
+and so runs faster (Zhang et al., ICLR 2025, arXiv 2502.01962, its abstract).
 
     python launch/bench/meta.py [--width 256] [--heads 4] [--grid 64] [--batches 1,8] \
         [--repeats 5] [--stripe 2] [--window 14] [--device cpu|cuda] [--out runs/bench_meta.json]

@@ -89,7 +89,7 @@ class AdaptedEncoder(nn.Module):
 
     @property
     def num_trainable(self) -> int:
-        """Number of trainable (adapter) parameters; see ``reference/adapters.md`` for formulas."""
+        """Number of trainable (adapter) parameters; each method's module gives its formula."""
         return sum(p.numel() for p in self.trainable_parameters())
 
     def aux_loss(self) -> Tensor:

@@ -4,8 +4,7 @@ The encoder runs under ``torch.no_grad()``, so it stores no activation for backw
 embeddings could be cached; a separate CNN on the raw image and its high-pass component adds
 ``scale * tanh(CNN)`` to the final embedding. Architecture as the official
 ``code/segment_anything_cad/modeling/cad.py`` and ``utils/fft.py`` of
-``Kyyle2114/Convolutional-Adapter-for-Segment-Anything`` (facts in ``reference/adapters.md``
-section 2.1; our own code):
+``Kyyle2114/Convolutional-Adapter-for-Segment-Anything`` (our own code):
 
 * input: the RGB image at ``input_size`` (512) in 0..255, *not* normalised, concatenated with
   ``|IFFT|`` of its FFT with the central (low-frequency) square of side
@@ -20,7 +19,7 @@ Our adaptations: the wrapper keeps the encoder's call signature, so it receives 
 (normalised, zero-padded) images and un-normalises them with SAM's pixel mean/std (padding thus
 becomes the mean colour, where the official code resizes the unpadded image). ``width`` and
 ``input_size`` are options because the 256-channel 512 px CNN stores more activations than an
-in-encoder adapter on a small student (``reference/adapters.md`` section 2.2); with ``width``
+in-encoder adapter on a small student (``launch/bench/adapt.py`` measures it); with ``width``
 other than the embedding's 256 channels a 1x1 conv (with bias) projects to 256 before the tanh.
 Parameters: ``7 W + 3 (9 W^2 + 3 W)`` (+ ``256 W + 256`` with the projection); 1,773,568 at the
 official W = 256.

@@ -2,8 +2,8 @@
 
 ``y = W0 x + s * B(z + MoE(z))``, ``z = A x``, on every attention ``qkv`` Linear, as in the
 official ``ConvLoRALinear`` / ``MoEGate`` of autogluon
-(``multimodal/src/autogluon/multimodal/models/adaptation_layers.py``; facts in
-``reference/adapters.md`` section 1, this is our own code):
+(``multimodal/src/autogluon/multimodal/models/adaptation_layers.py``; this is our own
+code):
 
 * ``z`` is laid out on the token grid ``[B', r, H, W]``. The ``qkv`` Linear receives ``[B', H, W,
   C]`` tokens, so no square-root guess is needed. In SAM's windowed blocks B' = B x windows and

@@ -1,7 +1,7 @@
 """Decoder-only baseline: no adapter; the frozen encoder runs under ``torch.no_grad()``.
 
 Only SAM's mask decoder trains (the baseline of CAD, arXiv 2409.15889, and of Conv-LoRA's
-comparisons; ``reference/adapters.md`` section 0). The encoder stores nothing for backward, so
+comparisons, arXiv 2401.17868). The encoder stores nothing for backward, so
 its embeddings may be cached once per image.
 """
 

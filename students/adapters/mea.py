@@ -1,9 +1,9 @@
 """The MEA block of META (Zhang et al., "Memory Efficient Transformer Adapter for Dense
 Predictions", ICLR 2025, arXiv 2502.01962) on ``[B, H, W, C]`` tokens.
 
-No official code exists; what is known (``reference/adapters.md`` section 3: the abstract and the
-OpenReview reviews) is that an MEA block cuts inference-time *memory access* (normalisations and
-reshapes, the vocabulary of EfficientViT, Liu et al. CVPR 2023) with
+No official code exists; what is known (the abstract and the OpenReview reviews,
+https://openreview.net/forum?id=vJkktqyU8B) is that an MEA block cuts inference-time *memory
+access* (normalisations and reshapes, the vocabulary of EfficientViT, Liu et al. CVPR 2023) with
 
 * one LayerNorm shared by the attention and the feed-forward branch;
 * cross-shaped self-attention (CSWin, Dong et al., CVPR 2022): half of the heads attend within
@@ -25,7 +25,7 @@ Choices where the paper is silent (each an argument of ``MEABlock``):
 * a grid side that ``stripe`` does not divide is padded at the end and the padded keys masked;
 * cascaded heads split the channels into ``num_heads`` parts with one ``C/h -> 3 C/h`` projection
   each, heads ``< h/2`` horizontal, the rest vertical (``cascade=True``; default off, see the
-  README's kernel table for what it costs).
+  kernel table of launch/bench/README.md for what it costs).
 
 Layout: tokens stay ``[B, H, W, C]`` (channels last) throughout. A horizontal stripe is then a
 contiguous run of ``stripe * W`` tokens, so its attention needs no copy of q, k, v; convolutions

@@ -2,7 +2,7 @@
 (``students/adapters/mea.py``) beside the frozen encoder, added to its final embedding.
 
 META is a ViT-Adapter-style network for dense prediction (a convolutional spatial prior plus
-interaction with a plain ViT, ``reference/adapters.md`` section 3); with no official code, this
+interaction with a plain ViT, as its abstract describes); with no official code, this
 is its PEFT form for SAM, built from what is known:
 
 * the encoder runs under ``torch.no_grad()`` (as in ``cad``): it stores nothing for backward and

@@ -2,7 +2,7 @@
 
 ``PromptedSam(sam)`` runs ``sam.image_encoder`` (an ``AdaptedEncoder`` or a plain encoder), the
 frozen prompt encoder on one box per image, and the mask decoder with ``multimask_output=False``
-(one mask token, the recipe of Conv-LoRA and CAD, ``reference/adapters.md`` section 5). Inputs
+(one mask token, the recipe of Conv-LoRA, arXiv 2401.17868, and CAD, arXiv 2409.15889). Inputs
 are what ``teachers.preprocess.preprocess`` makes: ``[B, 3, S, S]`` normalised, padded images and
 boxes ``[B, 4]`` (x0, y0, x1, y1) in that resized frame. The output is SAM's low-resolution
 logits ``[B, 1, S/4, S/4]``; ``Sam.postprocess_masks`` takes them to an image's original size.

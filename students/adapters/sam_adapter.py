@@ -1,8 +1,7 @@
 """In-encoder bottleneck adapters on every block, Medical SAM Adapter layout (arXiv 2304.12620).
 
 Official ``SuperMedIntel/Medical-SAM-Adapter`` (``models/common/adapter.py``,
-``models/ImageEncoder/vit/adapter_block.py``; ``reference/adapters.md`` section 4.2, our own
-code): an adapter is ``Linear(D -> D/4) -> GELU -> Linear(D/4 -> D)``; per block
+``models/ImageEncoder/vit/adapter_block.py``; our own code): an adapter is ``Linear(D -> D/4) -> GELU -> Linear(D/4 -> D)``; per block
 
     x = x + SpaceAdapter(attn(norm1(x)))         # after attention, with its skip
     x = x + mlp(norm2(x)) + 0.5 * MLPAdapter(norm2(x))   # parallel to the MLP

@@ -1,7 +1,7 @@
 """Adapters over the whole registry on both encoder kinds (a DFA student and SAM's ViT).
 
 Identity at init, frozen encoder weights, saved-for-backward bytes inside the encoder (none for
-the side networks cad and meta), parameter counts against the closed formulas of ``reference/adapters.md``, LoRA merging, Conv-LoRA's gate.
+the side networks cad and meta), parameter counts against each method's closed formula, LoRA merging, Conv-LoRA's gate.
 """
 
 from __future__ import annotations

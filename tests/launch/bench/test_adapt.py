@@ -16,7 +16,7 @@ ENCODERS = {
     "vit_tiny": lambda: random_vit_tiny(0).image_encoder,
 }
 CAD = {"width": 16, "input_size": 128}
-DECODER_PARAMS = 4_058_340  # SAM's mask decoder, reference/adapters.md section 1.6
+DECODER_PARAMS = 4_058_340  # SAM's mask decoder (segment_anything/modeling/mask_decoder.py)
 
 pytestmark = pytest.mark.slow  # child processes measuring real models
 
