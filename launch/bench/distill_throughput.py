@@ -5,7 +5,8 @@ r"""Training throughput from the cache against computing the teacher online, sid
 
 Generates COCO-format images (`eval.scenes.synthetic`) in OUT/coco, caches a random-weight
 teacher's features from them under OUT/cache, prints the throughput table and writes
-OUT/results.json. One run measures, on the same generated images, student and batch size:
+OUT/results.json (or the --results file). One run measures, on the same generated images, student
+and batch size:
   loader        the cache pipeline alone (shard read, feature decode, image decode + preprocess)
   step          the student step alone on a batch already in memory (forward, losses, backward,
                 AdamW)
@@ -61,7 +62,9 @@ class BenchConfig:
     workers: int = 2
     """Loader workers for the cache pipeline."""
     out: str = "runs/bench_distill"
-    """Folder for the generated images, the cache and results.json."""
+    """Folder for the generated images and the cache."""
+    results: str = ""
+    """Results JSON (figures, command, machine, date); unset: OUT/results.json."""
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHER_SIZES:
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     rates = dict(run(cfg, str(images), teacher))
     report(cfg, rates)
     figures = {"images_per_s": rates}
-    common.write_results(Path(cfg.out) / "results.json", figures, cfg, script=__file__, argv=argv)
+    path = cfg.results or Path(cfg.out) / "results.json"
+    common.write_results(path, figures, cfg, script=__file__, argv=argv)
     return 0
 
 

@@ -5,7 +5,8 @@
 Generates COCO-format images, caches the random-weight vit_tiny teacher's features, distils a
 dfa_t for a few steps, then times phase-1 and phase-2 steps (prompts per image and refinement
 rounds as listed) from that student on the same cache, alternating, and prints images per second
-and the ratio to phase 1 (median over each run's steps after the first); OUT/results.json.
+and the ratio to phase 1 (median over each run's steps after the first); writes OUT/results.json,
+or the --results file.
 """
 
 import sys
@@ -40,7 +41,9 @@ class Phase2CostConfig:
     """One run of the phase-2 cost benchmark."""
 
     out: str = "runs/bench_phase2"
-    """Work folder (the data and the cache are reused), and OUT/results.json."""
+    """Work folder (the data and the cache are reused)."""
+    results: str = ""
+    """Results JSON (figures, command, machine, date); unset: OUT/results.json."""
     steps: int = 20
     """Timed steps per variant and round."""
     rounds: int = 2
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = statistics.median(values)
         rows.append({"variant": name, "images_per_s": rate, "time_vs_phase1": base / rate})
         print(f"{name:<36} {rate:>9.2f} {base / rate:>25.2f}x")
-    common.write_results(out / "results.json", {"rows": rows}, cfg, script=__file__, argv=argv)
+    path = cfg.results or out / "results.json"
+    common.write_results(path, {"rows": rows}, cfg, script=__file__, argv=argv)
     return 0
 
 
