@@ -34,16 +34,16 @@ SEED = 2
 class ReferenceTeacherConfig:
     """`launch/bench/reference_teacher.py`."""
 
-    ckpt: str = str(REPO / "teachers" / "weights" / "sam_mini.pth")
-    """The teacher checkpoint to score."""
+    ckpt: str = "teachers/weights/sam_mini.pth"
+    """The teacher checkpoint to score (a relative path is taken from the repository root)."""
     held_images: int = 200
     """Held-out scenes scored."""
     subset_images: int = 16
     """The first scenes, scored on their own for the test."""
     work: str = "runs/reference_teacher"
     """Folder for the scenes and the evaluation files."""
-    out: str = str(REPO / "teachers" / "weights" / "sam_mini.json")
-    """The results JSON."""
+    out: str = "teachers/weights/sam_mini.json"
+    """The results JSON (a relative path is taken from the repository root)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.subset_images <= self.held_images:
@@ -63,7 +63,7 @@ def score(cfg: ReferenceTeacherConfig, root: Path, name: str, *flags: str) -> di
     """One eval/coco.py run on `root`; its summary."""
     out = Path(cfg.work) / f"{name}.json"
     if not out.exists():
-        args = ["--ckpt", cfg.ckpt, "--coco-root", str(root), "--device", "cpu", "--out", str(out)]
+        args = ["--ckpt", str(REPO / cfg.ckpt), "--coco-root", str(root), "--device", "cpu", "--out", str(out)]
         run_script("eval/coco.py", *args, "--no-progress", *flags, log=out.with_suffix(".log"))
     return json.loads(out.read_text())
 
@@ -78,7 +78,7 @@ def measure(cfg: ReferenceTeacherConfig) -> dict:
     point = score(cfg, full, "point", "--prompt", "point", "--num-clicks", "1")
     small = score(cfg, subset, "subset_box", "--baseline", "box")
     return {
-        "ckpt_sha256": file_sha256(cfg.ckpt),
+        "ckpt_sha256": file_sha256(REPO / cfg.ckpt),
         "held_images": cfg.held_images,
         "num_instances": box["num_instances"],
         "seed": SEED,
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         figures = measure(cfg)
-        write_results(cfg.out, figures, cfg, script=__file__, argv=argv)
+        write_results(REPO / cfg.out, figures, cfg, script=__file__, argv=argv)
         b, f, p = figures["box_miou"], figures["box_fill_miou"], figures["point_1click_miou"]
         print(f"held-out box mIoU {b['all']:.1f} (box fill {f['all']:.1f}), 1 click {p['all']:.1f}")
 
