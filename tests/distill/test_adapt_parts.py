@@ -147,6 +147,10 @@ def test_checkpoint_holds_what_trains_not_the_frozen_base(tmp_path, tiny_ckpt, d
     model = build_model(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine = TorchEngine(cfg, model, trainable, lambda e, b: {}, DistEnv(0, 1, 0))
+    g = torch.Generator().manual_seed(1)
+    for p in trainable:  # one AdamW step: the weights move off the seed, the moments fill
+        p.grad = torch.randn(p.shape, generator=g)
+    engine.optimizer.step()
     engine.save(tmp_path / "ck", 1, {"x": 1})
     saved = torch.load(tmp_path / "ck" / "step00000001" / "engine.pt", weights_only=True)
     keys = set(saved["model"])
@@ -154,12 +158,21 @@ def test_checkpoint_holds_what_trains_not_the_frozen_base(tmp_path, tiny_ckpt, d
     assert not any(k.endswith("qkv.base.weight") or "patch_embed" in k for k in keys)
     assert not any(k.startswith("sam.prompt_encoder.") and "weight" in k for k in keys)
     fresh = build_model(cfg)
+    with torch.no_grad():  # so that a resume which loads nothing fails below
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
     other = TorchEngine(
         cfg, fresh, [p for p in fresh.parameters() if p.requires_grad], None, DistEnv(0, 1, 0)
     )
     assert other.resume(tmp_path / "ck")[0] == 1
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, msg=k)
+        assert torch.equal(a, b), k
+    want, got = engine.optimizer.state_dict(), other.optimizer.state_dict()
+    assert len(got["state"]) == len(want["state"]) == len(trainable)
+    for i, s in want["state"].items():
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(s[name], got["state"][i][name]), (i, name)
 
 
 def _trained_like(base, method, seed=0, **kwargs):
