@@ -121,9 +121,10 @@ def test_targets_from_the_cached_embedding_equal_sam_predictor_with_the_teacher(
                     (pt, torch.ones(1, 1, dtype=torch.long)),
                 )
                 _, _, want = predictor.predict_torch(pt, torch.ones(1, 1), multimask_output=False)
-            # fp16 cache: logits within a small absolute error, masks equal away from 0.
-            torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
-            confident = want.abs() > 2e-2
+            # fp16 cache: logits (median |logit| 0.06) within a small absolute error; measured
+            # at most 6.7e-5 over these prompts; 10x margin. Masks equal away from 0.
+            torch.testing.assert_close(got, want, atol=7e-4, rtol=0)
+            confident = want.abs() > 7e-4
             assert torch.equal((got > 0)[confident], (want > 0)[confident])
             num += 1
     assert num >= 3

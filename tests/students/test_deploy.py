@@ -112,7 +112,11 @@ def test_predict_py_runs_without_torch(exported, tmp_path):
     args += ["--decoder", str(exported / "decoder.onnx"), "--image", str(tmp_path / "image.png")]
     args += ["--box", "5,8,70,60", "--box", "40,20,128,90", "--out", str(tmp_path / "m.png")]
     result = subprocess.run(
-        [sys.executable, "-c", blocker, *args], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", blocker, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     labels = np.asarray(Image.open(tmp_path / "m.png"))
@@ -179,7 +183,12 @@ def test_int8_keeps_the_embedding_of_a_distilled_student(distilled):
     dynamic = embedding_agreement(ref, ort_all(out / "dynamic.onnx"))
     in_torch = embedding_agreement(ref, torch_int8)
     print(f"int8 cosine: static {static}, dynamic {dynamic}, torch {in_torch}")
-    for figures in (static, dynamic, in_torch):
-        assert figures["cosine_min"] >= 0.99 and figures["rel_error"] < 0.1
+    # Bounds at 10x the error measured on a 2-core CPU: 1 - cosine_min and rel_error were
+    # static 6.7e-5 and 0.011, dynamic 7.7e-6 and 0.0031, torch 5.5e-6 and 0.0027.
+    bounds = {"static": (7e-4, 0.11), "dynamic": (8e-5, 0.031), "torch": (6e-5, 0.027)}
+    for name, figures in zip(bounds, (static, dynamic, in_torch), strict=True):
+        worst_cosine, rel_error = bounds[name]
+        assert 1 - figures["cosine_min"] < worst_cosine, (name, figures)
+        assert figures["rel_error"] < rel_error, (name, figures)
     # Quantized, not a copy: the error is there, but small.
     assert static["rel_error"] > 1e-4 and dynamic["rel_error"] > 1e-4

@@ -53,7 +53,8 @@ def test_bf16_teacher_is_close_to_fp32(tiny_ckpt):
     low = load_teacher("vit_tiny", tiny_ckpt, taps=(), dtype="bf16")(x)["embed"]
     assert low.dtype == torch.float32
     err = (low - ref).abs().max().item()
-    assert 0 < err < 0.15 * ref.abs().max().item()
+    # measured 0.97% of max |x| (4.3e-2 of 4.4); 10x margin
+    assert 0 < err < 0.1 * ref.abs().max().item()
 
 
 def test_teacher_is_frozen(tiny_ckpt):
