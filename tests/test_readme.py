@@ -29,6 +29,7 @@ def repo_files() -> list[str]:
         capture_output=True,
         text=True,
         check=True,
+        timeout=60,
     ).stdout.split()
     return sorted(name for name in set(listed) if (REPO / name).is_file())
 

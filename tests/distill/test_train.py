@@ -321,15 +321,13 @@ def test_sigusr1_saves_at_that_step_exits_75_and_resume_ends_like_an_uninterrupt
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=unplaced_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 300  # only a hang stops here
     while not ((out / "log.csv").exists() and len(_log(out)) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=60)
         time.sleep(0.05)
-    sent = time.monotonic()
     proc.send_signal(signal.SIGUSR1)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=300)  # a generous deadline: a hang, not a clock
     assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
-    assert time.monotonic() - sent < 15
     stopped = int(re.search(r"stopped at step (\d+) of 40 on SIGUSR1", stderr)[1])
     assert 3 <= stopped < 40
     assert (out / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
@@ -354,7 +352,6 @@ def test_sigusr1_to_one_of_two_deepspeed_ranks_stops_both_at_the_same_step(cache
     env = unplaced_env()
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29733", str(wrapper), *args]
-    tic = time.monotonic()
     result = subprocess.run(
         [*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
@@ -367,7 +364,6 @@ def test_sigusr1_to_one_of_two_deepspeed_ranks_stops_both_at_the_same_step(cache
         "step00000004",
         "step00000006",
     ]
-    assert time.monotonic() - tic < 300
 
     _run(*args, "--out", str(out), "--resume", "auto", launcher="deepspeed")
     _run(*args, "--out", str(tmp_path / "straight"), launcher="deepspeed")

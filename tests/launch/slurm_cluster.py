@@ -227,7 +227,7 @@ class LocalSlurm:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                proc.wait(timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def diagnostics(self, lines: int = 25) -> str:

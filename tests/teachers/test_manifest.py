@@ -169,6 +169,7 @@ def test_verify_cli_reports_repairs_and_names_what_it_cannot_repair(teacher, coc
         env=unplaced_env(),
         capture_output=True,
         text=True,
+        timeout=600,
     )
     assert result.returncode == 1, result.stderr
     assert "REPAIRED shard-000001.json: manifest part was missing: rebuilt from" in result.stdout
