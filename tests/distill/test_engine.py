@@ -104,8 +104,14 @@ def test_learning_rate_follows_the_configured_warmup_and_cosine(tmp_path):
     middle = 2 + (10 - 2) / 2  # the cosine's midpoint: halfway between peak and floor
     assert lr_at(int(middle) - 1, 10, 0.1, 2, 0.05) == pytest.approx(0.1 * (0.05 + 0.95 * 0.5))
     assert all(a > b for a, b in zip(seen[1:], seen[2:], strict=False))
-    assert TrainConfig(out="x", steps=200).steps // 20 == 10  # default warm-up: 5% of steps
-    assert lr_at(9, 200, 1.0, 10, 0.0) == pytest.approx(1.0)
+    default = toy_engine(tmp_path, steps=200, lr=1.0, min_lr_ratio=0.0)  # no --warmup-steps
+    assert default.warmup == 10  # default warm-up: 5% of steps
+    batches, ramp = toy_batches(4), []
+    for _ in range(11):
+        default.step(batches)
+        ramp.append(default.lr)
+    assert ramp[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # peak on step 10
+    assert ramp[10] < 1.0  # then the decay
 
 
 def test_step_progress_is_zero_on_the_first_step_and_one_on_the_last():

@@ -28,10 +28,14 @@ def test_bench_deploy_rows(tiny_sam, tmp_path, capsys):
     expected = {"fp32_torch", "fp32_onnx", "int8_onnx_dynamic", "int8_onnx_static", "int8_torch"}
     assert expected <= set(rows) and "pruned:mlp0.5 (not re-distilled)" in rows
     ref = rows["fp32_torch"]
-    assert ref["latency_ratio"] == 1.0 and ref["cosine"] == pytest.approx(1.0)
-    assert ref["box_agreement_miou"] == 100.0 and ref["num_boxes"] > 0
-    assert rows["fp32_onnx"]["rel_error"] < 1e-5  # the same model
-    assert rows[f"pruned:{tmp_path.name}/s.pt"]["rel_error"] < 1e-6  # the student itself
+    assert ref["num_boxes"] > 0 and all(r["num_boxes"] == ref["num_boxes"] for r in rows.values())
+    for r in rows.values():  # every ratio is to the fp32 row's latency
+        assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / ref["latency_ms"], rel=1e-12)
+    # The same model through ONNX (rel. error measured 7.3e-7; 10x margin) and through load_sam
+    # again (the same computation: exactly 0): the same masks for every box.
+    onnx, itself = rows["fp32_onnx"], rows[f"pruned:{tmp_path.name}/s.pt"]
+    assert onnx["rel_error"] < 7e-6 and onnx["box_agreement_miou"] == 100.0
+    assert itself["rel_error"] == 0.0 and itself["box_agreement_miou"] == 100.0
     pruned = rows["pruned:mlp0.5 (not re-distilled)"]
     assert pruned["bytes"] < ref["bytes"] and pruned["rel_error"] > 1e-3
     for name in ("int8_onnx_dynamic", "int8_onnx_static", "int8_torch"):
