@@ -232,8 +232,22 @@ def test_adapt_trains_on_coco_instances_with_gt_boxes(tiny_ckpt, tmp_path):
     refused = _run(*args, "--out", str(tmp_path / "full"), check=False)
     assert refused.returncode == 2 and "--prompt gt_box" in refused.stderr
     result = _run(*args, "--out", str(tmp_path / "gt"), "--prompt", "gt_box")
-    assert "crowd" in result.stdout and "exported" in result.stdout
-    assert [int(r["step"]) for r in _log(tmp_path / "gt")] == [1, 2]
+    # one pair per usable instance of the annotation file, crowds and small ones counted apart
+    from teachers.mask_folders import MIN_INSTANCE_AREA, coco_split
+
+    anns = json.loads(coco_split(tmp_path / "coco", "train")[0].read_text())["annotations"]
+    crowd = sum(1 for a in anns if a.get("iscrowd"))
+    small = sum(1 for a in anns if not a.get("iscrowd") and a["area"] < MIN_INSTANCE_AREA)
+    usable = len(anns) - crowd - small
+    assert crowd > 0 and usable > 4  # the generator's crowds; more instances than images
+    reasons = ", ".join(f"{n} {r}" for r, n in (("crowd", crowd), ("small", small)) if n)
+    assert f"train: {usable} pairs, {crowd + small} skipped: {reasons}" in result.stdout
+    assert "exported" in result.stdout
+    rows = _log(tmp_path / "gt")
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    # each step's mask loss is computed on its instances (none replaced as bad)
+    assert all(np.isfinite(float(r["loss_mask"])) and float(r["loss_mask"]) > 0 for r in rows)
+    assert all(int(r["num_bad"]) == 0 for r in rows)
 
 
 @pytest.mark.parametrize("method", list_adapters())
