@@ -20,17 +20,22 @@ from tests.conftest import REPO, unplaced_env
 
 pytestmark = pytest.mark.slow
 
-# Agreement (mIoU x 100 with the teacher's masks) the re-distilled pruned student may lose
-# against the unpruned one. Measured: unpruned 72.2 after 40 steps; heads 0.5 pruned 70.1, and
-# 75.5 after 20 re-distillation steps (2-core CPU).
-MARGIN = 5.0
+# Agreement (mIoU x 100 with the teacher's masks), measured twice with the same result on a
+# 2-core CPU: unpruned 72.2 after 40 steps; heads 0.5 pruned 70.1, and 75.5 after 20
+# re-distillation steps, a recovery of 5.4 points. The test asks for half that recovery.
+RECOVERY = 2.7
 DISTILL = ["--batch-size", "4", "--workers", "0", "--no-progress", "--device", "cpu"]
 DISTILL += ["--engine", "torch", "--log-every", "20"]
 
 
 def _run(*args: str) -> None:
     result = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=unplaced_env(), capture_output=True, text=True
+        [sys.executable, *args],
+        cwd=REPO,
+        env=unplaced_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,  # only a hang stops here
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
@@ -117,5 +122,7 @@ def test_pruned_then_redistilled_student_keeps_teacher_agreement(tmp_path):
         tmp_path / "re" / "student.pt", tmp_path / "coco", teacher_ckpt, tmp_path / "c.json"
     )
     print(f"teacher agreement: unpruned {base:.1f}, pruned {before:.1f}, re-distilled {after:.1f}")
-    assert after >= base - MARGIN
-    assert after > before  # re-distillation recovers what pruning cost
+    # Re-distillation recovers what pruning cost: the pruned student alone (after == before)
+    # fails both, where `after >= base - 5` held before any re-distillation (70.1 >= 67.2).
+    assert after >= before + RECOVERY
+    assert after >= base - (base - before) / 2  # at least half the gap to the unpruned closed
