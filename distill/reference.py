@@ -38,9 +38,9 @@ from torchvision.ops import sigmoid_focal_loss
 from distill.config import TrainConfig
 from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
 from distill.logs import RunProgress, StepLog, _save
-from teachers.build import build_sam_mini
+from teachers.build import build_sam_mini, check_state_dict
 from teachers.preprocess import preprocess
-from teachers.runtime.files import save_atomic
+from teachers.runtime.files import read_checkpoint, save_atomic
 from teachers.runtime.preempt import StopRequest
 from teachers.sam_mini import SAM_MINI_IMG_SIZE
 
@@ -74,6 +74,9 @@ class ReferenceConfig(TrainConfig):
     """Steps between validations on the held-out scenes."""
     val_scenes: int = 48
     """Held-out scenes the validation scores."""
+    init: str | None = None
+    """Start from these sam_mini weights (e.g. the shipped teachers/weights/sam_mini.pth, to
+    train it further) instead of fresh ones; the optimizer starts fresh."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -341,6 +344,10 @@ def train(cfg: ReferenceConfig, stop: StopRequest | None = None, *, scenes: Scen
     ckpt_dir = prepare_run_dir(cfg, env.rank)
     torch.manual_seed(cfg.seed)
     sam = build_sam_mini()
+    if cfg.init is not None:
+        state = read_checkpoint(cfg.init)
+        check_state_dict(state, sam.state_dict(), "sam_mini", f"--init {cfg.init}")
+        sam.load_state_dict({k: v.float() for k, v in state.items()})
     model = PromptedTrainer(sam).train()
     engine = build_engine(cfg, model, model.parameters(), ReferenceLoss(cfg), env, stop)
     start, _, _ = engine.resume(ckpt_dir) if cfg.resume == "auto" else (0, None, None)

@@ -51,18 +51,19 @@ def save_overlay(
     [M, H, W], prompts) entry, left to right."""
     n = 2 + len(panels)
     h, w = image.shape[:2]
-    fig = Figure(figsize=(3.2 * n, 3.2 * h / w + 0.4), dpi=100)
+    # 4.5 inches at 100 dpi: each panel about as wide as a 512-px image, masks readable
+    fig = Figure(figsize=(4.5 * n, 4.5 * h / w + 0.5), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, n, squeeze=False)[0]
     axes[0].imshow(image)
-    axes[0].set_title("image", fontsize=8)
+    axes[0].set_title("image", fontsize=11)
     axes[1].imshow(blend(image, gt))
-    axes[1].set_title(f"ground truth ({len(gt)})", fontsize=8)
+    axes[1].set_title(f"ground truth ({len(gt)})", fontsize=11)
     for ax, (title, masks, prompts) in zip(axes[2:], panels, strict=True):
         ax.imshow(blend(image, masks))
         if prompts is not None:
             _draw_prompts(ax, prompts)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=11)
     for ax in axes:
         ax.set_axis_off()
         ax.set_xlim(-0.5, w - 0.5)

@@ -1,4 +1,5 @@
-"""The README's first command: the demo runs end to end on generated data."""
+"""The README's first command: the demo runs end to end in the reference world, with the shipped
+teacher, and reports ground-truth figures that mean something."""
 
 import json
 import subprocess
@@ -20,6 +21,8 @@ def test_demo_runs(tmp_path):
             str(tmp_path),
             "--num-images",
             "8",
+            "--held-images",
+            "6",
             "--steps",
             "20",
             "--adapt-steps",
@@ -33,7 +36,7 @@ def test_demo_runs(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stdout
+    assert "RANDOM" not in result.stdout + result.stderr  # the shipped sam_mini, not vit_tiny
     assert "verify  OK" in result.stdout
     manifest = load_manifest(tmp_path / "cache")
     assert manifest["complete"] and manifest["num_samples"] == 8
@@ -43,8 +46,14 @@ def test_demo_runs(tmp_path):
     assert "distillation  20 steps on 2 processes" in result.stdout
     assert (
         "teacher agreement" in result.stdout
-        and len(list((tmp_path / "overlays").glob("*.png"))) == 8
+        and len(list((tmp_path / "overlays").glob("*.png"))) == 6
     )
+    # Ground truth on held-out scenes: the shipped teacher segments (the random vit_tiny scored
+    # about 3.5), though below the box-fill baseline so far (teachers/README.md)
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    teacher, fill = figures["compare"]["miou"]["all"], figures["baseline_box"]["miou"]["all"]
+    assert teacher > 0.5 * fill > 10, (teacher, fill)
+    assert "box-fill baseline" in result.stdout and "of the teacher's" in result.stdout
     # Phase 2 from the distilled student, scored on the same images and box prompts.
     assert "phase 2  teacher agreement" in result.stdout
     phase1 = json.loads((tmp_path / "eval.json").read_text())

@@ -450,3 +450,47 @@ def test_phase_two_counts_images_without_annotations_and_trains_on_the_rest(phas
     # Two passes over the 4 images (one step each): the bare image twice, the rest trained on.
     assert [int(r["num_unprompted"]) for r in rows] == [1, 2]
     assert all(float(r["loss_mask"]) > 0 for r in rows)
+
+
+def test_ctrl_c_saves_and_leaves_like_sigterm_without_a_traceback(cache, tmp_path):
+    args = ["--shards", str(cache), "--steps", "40", "--batch-size", "2", *BASE]
+    out = tmp_path / "interrupted"
+    cmd = [
+        sys.executable,
+        "launch/distill.py",
+        *args,
+        "--checkpoint-every",
+        "1000",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=unplaced_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300  # only a hang stops here
+    while not ((out / "log.csv").exists() and len(_log(out)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    stopped = int(re.search(r"stopped at step (\d+) of 40 on SIGINT", stderr)[1])
+    assert (out / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+
+
+def test_a_second_ctrl_c_leaves_at_once() -> None:
+    from teachers.runtime.preempt import LEAVE_NOW_EXIT, StopRequest
+
+    stop = StopRequest()
+    stop._record(signal.SIGINT, None)
+    assert stop.signal == "SIGINT"
+    with pytest.raises(SystemExit) as left:
+        stop._record(signal.SIGINT, None)
+    assert left.value.code == LEAVE_NOW_EXIT
+    again = StopRequest()
+    again._record(signal.SIGTERM, None)
+    again._record(signal.SIGTERM, None)  # a repeated SIGTERM only records (SLURM may resend)
+    assert again.signal == "SIGTERM"
+    with pytest.raises(SystemExit):  # Ctrl-C while a requested save runs: leave now
+        again._record(signal.SIGINT, None)
