@@ -96,20 +96,47 @@ def domain_sample(
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8), mask
 
 
-def _write_split(
-    root: Path, split: str, num: int, seed: int, size: int, suffix: str, tint: float
+def write_pair(
+    root: Path, split: str, index: int, pixels: np.ndarray, mask: np.ndarray, suffix: str
 ) -> None:
+    """Image `index` of `split` and its 0/255 mask PNG, named as `teachers.mask_folders` pairs
+    them (`{split}_{index:05d}`); JPEG at quality 95, or PNG."""
     for sub in ("images", "masks"):
         (root / split / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(num):
-        pixels, mask = domain_sample(seed, split, i, size, tint)
-        name = f"{split}_{i:05d}"
-        image = Image.fromarray(pixels)
-        if suffix == ".jpg":
-            image.save(root / split / "images" / f"{name}.jpg", "JPEG", quality=95)
-        else:
-            image.save(root / split / "images" / f"{name}.png", "PNG")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / split / "masks" / f"{name}.png")
+    name = f"{split}_{index:05d}"
+    image = Image.fromarray(pixels)
+    if suffix == ".jpg":
+        image.save(root / split / "images" / f"{name}.jpg", "JPEG", quality=95)
+    else:
+        image.save(root / split / "images" / f"{name}.png", "PNG")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(root / split / "masks" / f"{name}.png")
+
+
+def write_domain(
+    root: str | Path,
+    num_train: int,
+    num_val: int,
+    size: int,
+    image_suffix: str,
+    sample,
+    params: dict,
+) -> Path:
+    """Check the sizes, write `sample(split, i) -> (pixels, mask)` for i < num of each split with
+    `write_pair`, then root/domain.json with `params`; return `root`."""
+    if num_train < 0 or num_val < 0 or num_train + num_val == 0:
+        raise ValueError(f"need num_train, num_val >= 0 and not both 0, got {num_train}, {num_val}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32 pixels, got {size}")
+    if image_suffix not in (".png", ".jpg"):
+        raise ValueError(f"image_suffix {image_suffix!r}: choose .png or .jpg")
+    root = Path(root)
+    for split, num in (("train", num_train), ("val", num_val)):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(num):
+            write_pair(root, split, i, *sample(split, i), image_suffix)
+    (root / "domain.json").write_text(json.dumps(params, indent=1))
+    return root
 
 
 def make_domain(
@@ -129,15 +156,6 @@ def make_domain(
     tint: a colour cue besides the texture (see `domain_sample`), 0 for none: an encoder whose
     features see no texture frequency (a small random one) can still find the object by it.
     """
-    if num_train < 0 or num_val < 0 or num_train + num_val == 0:
-        raise ValueError(f"need num_train, num_val >= 0 and not both 0, got {num_train}, {num_val}")
-    if size < 32:
-        raise ValueError(f"size must be >= 32 pixels, got {size}")
-    if image_suffix not in (".png", ".jpg"):
-        raise ValueError(f"image_suffix {image_suffix!r}: choose .png or .jpg")
-    root = Path(root)
-    for split, num in (("train", num_train), ("val", num_val)):
-        _write_split(root, split, num, seed, size, image_suffix, tint)
     params = dict(
         generator="eval.scenes.domain",
         version=VERSION,
@@ -150,8 +168,15 @@ def make_domain(
         contrast=CONTRAST,
         tint=tint,
     )
-    (root / "domain.json").write_text(json.dumps(params, indent=1))
-    return root
+    return write_domain(
+        root,
+        num_train,
+        num_val,
+        size,
+        image_suffix,
+        lambda split, i: domain_sample(seed, split, i, size, tint),
+        params,
+    )
 
 
 def domain_as_coco(root: str | Path, split: str, out: str | Path) -> Path:

@@ -48,6 +48,7 @@ from PIL import Image
 from skimage import data
 from tqdm import tqdm
 
+from eval.scenes.domain import write_domain
 from eval.scenes.shapes import SHAPES
 from eval.scenes.synthetic import write_coco_json
 
@@ -400,22 +401,6 @@ def make_photo_coco(
     return write_coco_json(path, images, annotations, CATEGORIES)
 
 
-def _write_domain_split(
-    root: Path, split: str, num: int, seed: int, size: int, image_suffix: str
-) -> None:
-    for sub in ("images", "masks"):
-        (root / split / sub).mkdir(parents=True, exist_ok=True)
-    offset = VAL_OFFSET if split == "val" else 0
-    for i in range(num):
-        image, mask = camouflage_scene("held", offset + i, seed, size, size)
-        name = f"{split}_{i:05d}"
-        if image_suffix == ".jpg":
-            Image.fromarray(image).save(root / split / "images" / f"{name}.jpg", quality=95)
-        else:
-            Image.fromarray(image).save(root / split / "images" / f"{name}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / split / "masks" / f"{name}.png")
-
-
 def make_camouflage_domain(
     root: str | Path,
     num_train: int = 16,
@@ -435,16 +420,12 @@ def make_camouflage_domain(
     size: every image's long side (at least 32); the aspect varies from 1:2 to 2:1.
     image_suffix: ".jpg" (quality 95, as COD10K ships) or ".png" (lossless). Masks are 0/255 PNGs.
     """
-    if num_train < 0 or num_val < 0 or num_train + num_val == 0:
-        raise ValueError(f"need num_train, num_val >= 0 and not both 0, got {num_train}, {num_val}")
-    if size < 32:
-        raise ValueError(f"size must be >= 32 pixels, got {size}")
-    if image_suffix not in (".png", ".jpg"):
-        raise ValueError(f"image_suffix {image_suffix!r}: choose .png or .jpg")
     _check("held", seed, 0, size, size)
-    root = Path(root)
-    for split, num in (("train", num_train), ("val", num_val)):
-        _write_domain_split(root, split, num, seed, size, image_suffix)
+
+    def sample(split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        offset = VAL_OFFSET if split == "val" else 0
+        return camouflage_scene("held", offset + i, seed, size, size)
+
     params = dict(
         generator="eval.scenes.photos.camouflage_scene",
         version=VERSION,
@@ -457,5 +438,4 @@ def make_camouflage_domain(
         image_suffix=image_suffix,
         photos=list(HELD_PHOTOS),
     )
-    (root / "domain.json").write_text(json.dumps(params, indent=1))
-    return root
+    return write_domain(root, num_train, num_val, size, image_suffix, sample, params)
