@@ -23,6 +23,7 @@ from students.export import read_export_meta
 from students.load import load_sam
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
+from teachers.runtime.files import file_sha256
 from tests.conftest import REPO, killer_script, unplaced_env
 
 pytestmark = pytest.mark.slow
@@ -229,7 +230,9 @@ def test_manifest_mismatch_stops_before_training(cache, tmp_path):
 
 
 def _rewrite_sample(src, dst, key_index, field, value):
-    """Copy a cache, replacing one field of one sample of shard 0."""
+    """Copy a cache, replacing one field of one sample of shard 0: a sample bad from the start,
+    so the manifest describes the shard as written (its bytes and sha256; a shard changed after
+    the manifest is refused before training, tests/test_faults.py)."""
     shutil.copytree(src, dst)
     shard = dst / "shard-000000.tar"
     samples = list(wds.WebDataset(str(shard), shardshuffle=False))
@@ -237,6 +240,10 @@ def _rewrite_sample(src, dst, key_index, field, value):
     with wds.TarWriter(str(shard)) as writer:
         for s in samples:
             writer.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+    manifest = json.loads((dst / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["name"] == shard.name)
+    entry |= {"bytes": shard.stat().st_size, "sha256": file_sha256(shard)}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
     return samples[key_index]["__key__"]
 
 
