@@ -237,7 +237,7 @@ def image_records(models: Sequence[Model], loaded: Loaded, task: Task) -> tuple[
     item, records = loaded.item, []
     fills = None
     if task.baseline == "box" and not item.dets:
-        hw = tuple(int(v) for v in loaded.gt_rles[0]["size"]) if loaded.gt_rles else (0, 0)
+        hw = loaded.image.shape[:2]  # the GT's size: load_item checks the two agree
         fills = box_fill_ious(item.anns, loaded.gt_rles, hw) if item.anns else []
     for i in range(len(item.dets) if item.dets else len(item.anns)):
         if item.dets:
