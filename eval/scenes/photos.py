@@ -420,6 +420,8 @@ def make_camouflage_domain(
     size: every image's long side (at least 32); the aspect varies from 1:2 to 2:1.
     image_suffix: ".jpg" (quality 95, as COD10K ships) or ".png" (lossless). Masks are 0/255 PNGs.
     """
+    if size < 32:
+        raise ValueError(f"size must be at least 32, got {size}")
     _check("held", seed, 0, size, size)
 
     def sample(split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
