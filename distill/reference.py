@@ -77,12 +77,17 @@ class ReferenceConfig(TrainConfig):
     init: str | None = None
     """Start from these sam_mini weights (e.g. the shipped teachers/weights/sam_mini.pth, to
     train it further) instead of fresh ones; the optimizer starts fresh."""
+    first_scene: int = 0
+    """Index of the first training scene; a run that continues another (--init) passes the
+    number of scenes that one saw (steps x batch size) so it trains on new scenes."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("prompts_per_image", "loss_side", "val_every", "val_scenes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.first_scene < 0:
+            raise ValueError(f"--first-scene must be at least 0, got {self.first_scene}")
         if not 0.0 <= self.box_share <= 1.0:
             raise ValueError(f"--box-share must be within 0..1, got {self.box_share}")
 
@@ -241,7 +246,7 @@ class SceneBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        first = self.position * self.micro
+        first = self.cfg.first_scene + self.position * self.micro
         self.position += 1
         samples = []
         for index in range(first, first + self.micro):
