@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from distill.schedule import DLD_MODES
+from teachers.reduction import num_tokens
 
 PRECISIONS = ("fp32", "bf16")
 ENGINES = ("deepspeed", "torch")
@@ -140,8 +141,8 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     """One distillation run: a student trained on a teacher-feature cache.
 
-    teacher, teacher_taps, img_size and codec are facts of the cache: left unset they are read
-    from its manifest.json; set, they must agree with it.
+    teacher, teacher_taps, img_size, codec and reduction are facts of the cache: left unset they
+    are read from its manifest.json; set, they must agree with it.
     """
 
     shards: str = ""
@@ -195,6 +196,9 @@ class DistillConfig(TrainConfig):
     codec: str | None = None
     """Expected cache codec: one for every field (fp16) or per field (embed=fp16,blocks=int8),
     checked field by field; default the cache's."""
+    reduction: str | None = None
+    """Expected reduction of the cache's block outputs: none, or tokens=K (K token positions per
+    sample, the layer losses then run over them); default the cache's."""
     workers: int = 2
     """Data loader workers per process."""
     shuffle_buffer: int = 32
@@ -206,6 +210,8 @@ class DistillConfig(TrainConfig):
         if not self.shards:
             raise ValueError("--shards is required (a cache folder or a glob of its shards)")
         super().__post_init__()
+        if self.reduction is not None:
+            num_tokens(self.reduction, "--reduction")
         if self.shuffle_buffer < 1:
             raise ValueError(f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         _check_at_least(self, "workers", 0)

@@ -106,7 +106,8 @@ class CacheStream(torch.utils.data.IterableDataset):
     """Yields this rank's micro-batches in training order, from any number of loader workers.
 
     Each batch: "image" [m, 3, S, S], "valid" [m, S/16, S/16] bool, "embed" [m, 256, S/16, S/16],
-    "block{i}" [m, S/16, S/16, C], plus "stream", "position" and "num_corrupt" (samples skipped
+    "block{i}" [m, S/16, S/16, C] (or [m, K, C] with "tokens" [m, K], the positions a cache
+    with a token reduction stores, `teachers.reduction`), plus "stream", "position" and "num_corrupt" (samples skipped
     since that stream's previous batch) for checkpoints and logs, and "keys". With
     `max_prompts`, also "input_hw" [m, 2] and the prompts of `distill.prompting.sample_prompts`
     ("prompt_box" [m, P, 4], "prompt_point" [m, P, 2], "prompt_kind" [m, P]), drawn by a
@@ -195,6 +196,8 @@ class CacheStream(torch.utils.data.IterableDataset):
             "valid": valid_mask(pre.input_hw, self.spec.img_size),
             **{f: sample.features[f] for f in fields},
         }
+        if sample.tokens is not None:
+            out["tokens"] = sample.tokens
         if self.spec.max_prompts:
             rng = random.Random(f"{self.spec.seed}:{sample.key}:{drawn}")
             out["input_hw"] = torch.tensor(pre.input_hw)

@@ -3,7 +3,9 @@ outputs. Adaptation: mask losses on decoder logits (`MASK_LOSSES`), padding mask
 
 The cached teacher features cover the padded square canvas; only embedding cells that see real
 pixels carry signal (EdgeSAM's phase-1 loss masks padding the same way), so both losses average
-over valid cells only, per image, then over the batch.
+over valid cells only, per image, then over the batch. From a cache with a token reduction
+(`teachers.reduction`) the layer pairs run over the K stored tokens of each image instead, all of
+them valid: an unbiased estimate of the same masked mean.
 """
 
 from __future__ import annotations
@@ -32,6 +34,23 @@ def masked_mse(student: Tensor, teacher: Tensor, valid: Tensor, channels_last: b
     return per_image.mean()
 
 
+def gather_tokens(x: Tensor, tokens: Tensor) -> Tensor:
+    """Block outputs ``[B, h, w, C]`` at each image's token positions ``tokens`` ``[B, K]``
+    (row-major indices into ``h * w``): ``[B, K, C]``, one gather for the batch."""
+    flat = x.flatten(1, 2)
+    return flat.gather(1, tokens.to(x.device)[..., None].expand(-1, -1, flat.shape[-1]))
+
+
+def token_mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared error over the stored tokens and channels of ``[B, K, C]`` pairs, per image
+    then over the batch (every image has the same K, so this is the plain mean)."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ"
+        )
+    return (student.float() - teacher.float()).pow(2).mean()
+
+
 class TapProjections(nn.Module):
     """Learned linear maps from student block width to teacher block width, one per layer pair.
 
@@ -43,7 +62,8 @@ class TapProjections(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(student_width, teacher_width) for _ in range(num_pairs))
 
     def forward(self, taps: Sequence[Tensor]) -> list[Tensor]:
-        """taps: student block outputs [B, h, w, Cs] in pair order -> [B, h, w, Ct] each."""
+        """taps: student block outputs [B, h, w, Cs] (or [B, K, Cs]) in pair order -> [B, h, w, Ct]
+        (or [B, K, Ct]) each."""
         return [p(t) for p, t in zip(self.proj, taps, strict=True)]
 
 
@@ -53,11 +73,21 @@ def pair_losses(
     teacher_embed: Tensor,
     teacher_taps: Sequence[Tensor],
     valid: Tensor,
+    tokens: Tensor | None = None,
 ) -> list[Tensor]:
-    """Loss of every pair, shallow to deep: projected taps first, the final embedding last."""
-    losses = [
-        masked_mse(s, t, valid, True) for s, t in zip(student_taps, teacher_taps, strict=True)
-    ]
+    """Loss of every pair, shallow to deep: projected taps first, the final embedding last.
+
+    tokens: [B, K] positions of teacher taps stored as [B, K, Ct] (a token-reduced cache); the
+    student's taps are then [B, K, Ct] already, or [B, h, w, Ct] and gathered here."""
+    if tokens is None:
+        losses = [
+            masked_mse(s, t, valid, True) for s, t in zip(student_taps, teacher_taps, strict=True)
+        ]
+    else:
+        losses = [
+            token_mse(gather_tokens(s, tokens) if s.dim() == 4 else s, t)
+            for s, t in zip(student_taps, teacher_taps, strict=True)
+        ]
     return losses + [masked_mse(student_embed, teacher_embed, valid, False)]
 
 

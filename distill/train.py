@@ -20,7 +20,7 @@ from distill.config import DistillConfig
 from distill.data import DataSpec, StreamLayout, StreamTracker, restore_streams
 from distill.engine import Engine, build_engine, prepare_run_dir, start_processes
 from distill.logs import RunProgress, plot_run
-from distill.losses import TapProjections, pair_losses, weighted_loss
+from distill.losses import TapProjections, gather_tokens, pair_losses, weighted_loss
 from distill.schedule import dld_weights, pair_every_from_epochs, step_progress
 from students import build_student
 from students.export import read_export_meta, save_student
@@ -52,10 +52,17 @@ class DistillModel(torch.nn.Module):
             self.prompt_encoder = heads.prompt_encoder
             self.mask_decoder = heads.mask_decoder
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """image [B, 3, S, S] -> embedding [B, 256, S/16, S/16], projected taps [B, S/16, S/16, Ct]."""
+    def forward(
+        self, image: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """image [B, 3, S, S] -> embedding [B, 256, S/16, S/16], projected taps [B, S/16, S/16, Ct];
+        with token positions [B, K] (a token-reduced cache), taps [B, K, Ct]: only the stored
+        tokens go through the projections."""
         embed, feats = self.student.forward_features(image, self.taps)
-        return embed, self.projections([feats[t] for t in self.taps])
+        taps = [feats[t] for t in self.taps]
+        if tokens is not None:
+            taps = [gather_tokens(t, tokens) for t in taps]
+        return embed, self.projections(taps)
 
 
 def feature_pairs(cache: CacheInfo) -> list[str]:
@@ -83,13 +90,15 @@ class DistillLoss:
         )
 
     def __call__(self, engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
-        embed, taps = engine(batch["image"].to(engine.dtype))
+        tokens = (batch["tokens"],) if "tokens" in batch else ()
+        embed, taps = engine(batch["image"].to(engine.dtype), *tokens)
         return self.terms(embed, taps, batch, engine.step_index)
 
     def terms(self, embed, taps, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """The weighted loss and each pair's loss of the student's outputs on `batch`."""
         targets = [batch[name] for name in self.pairs]
-        losses = pair_losses(embed, taps, targets[-1], targets[:-1], batch["valid"])
+        valid, tokens = batch["valid"], batch.get("tokens")
+        losses = pair_losses(embed, taps, targets[-1], targets[:-1], valid, tokens)
         weighted = weighted_loss(losses, self.weights(step))
         return {"loss": weighted} | dict(zip(self.pairs, losses, strict=True))
 
@@ -116,6 +125,7 @@ def open_checked_cache(cfg: DistillConfig) -> tuple[CacheInfo, DistillConfig, li
         "taps": cfg.teacher_taps,
         "img_size": cfg.img_size,
         "codec": cfg.codec,
+        "reduction": cfg.reduction,
     }
     check_manifest(cache.manifest, f"cache {cache.folder}", **stated)
     if not cache.complete:
@@ -127,6 +137,7 @@ def open_checked_cache(cfg: DistillConfig) -> tuple[CacheInfo, DistillConfig, li
         teacher_taps=tuple(cache.taps),
         img_size=cache.img_size,
         codec=cache.codec,
+        reduction=cache.reduction,
     )
     return cache, replace(cfg, **facts), [k for k, v in stated.items() if v is None]
 

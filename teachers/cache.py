@@ -11,8 +11,11 @@ Sample fields (key `__key__`):
   embed.npy              final teacher embedding [256, h, w] in its codec's storage dtype
   block{i}.npy           tapped block output [h, w, C]
   {name}_scale.npy       int8 only: per-token float32 scale of the field above
+  tokens.npy             with --reduction tokens=K: the K stored token positions (int32); the
+                         block outputs are then [K, C] (`teachers.reduction`)
   json                   {"key", "orig_hw", "input_hw", "img_size", "codec", "codecs", "dtype",
-                          "dtypes", "teacher", "taps"}: codec is the spec, codecs and dtypes per field
+                          "dtypes", "teacher", "taps", "reduction"}: codec is the spec, codecs and
+                          dtypes per field
   ann.json               the source annotations (SA-1B json, or COCO image entry + annotations)
 
 Inputs are sorted by key and cut into consecutive shards of `samples_per_shard`; shard i belongs
@@ -36,7 +39,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from teachers import codecs
+from teachers import codecs, reduction
 from teachers.manifest import (  # noqa: F401 (the cache's names, re-exported)
     MANIFEST,
     RUN,
@@ -90,12 +93,23 @@ def _collate(batch: list[dict]) -> list[dict]:
 
 
 def encode_sample(
-    teacher: Teacher, field_codecs: dict[str, str], rec: dict, feats: dict[str, torch.Tensor]
+    teacher: Teacher,
+    field_codecs: dict[str, str],
+    rec: dict,
+    feats: dict[str, torch.Tensor],
+    reduce: str = reduction.NONE,
 ) -> dict:
     """One WebDataset sample from a decoded record and its teacher outputs (batch dim removed),
-    each field stored with its codec from `field_codecs` ({"embed": "fp16", "block7": ...})."""
+    each field stored with its codec from `field_codecs` ({"embed": "fp16", "block7": ...}) and
+    the block outputs reduced as `reduce` says ("none", "tokens=K")."""
     item: SourceItem = rec["item"]
     sample = {"__key__": item.key, item.ext: rec["image"]}
+    if (k := reduction.num_tokens(reduce)) is not None:
+        positions = reduction.token_positions(item.key, rec["input_hw"], teacher.img_size, k)
+        feats = reduction.reduce_features(feats, positions)
+        sample[f"{reduction.TOKENS}.npy"] = codecs.to_npy_bytes(
+            positions.numpy().astype(reduction.TOKEN_DTYPE)
+        )
     dtypes = {}
     for field, value in feats.items():
         encoded = codecs.encode(value, field_codecs[field], channel_axis(field))
@@ -114,6 +128,7 @@ def encode_sample(
         "dtypes": dtypes,
         "teacher": teacher.name,
         "taps": list(teacher.taps),
+        "reduction": reduction.canonical(reduce),
     }
     sample["json"] = json.dumps(meta).encode()
     if rec["ann"] is not None:
@@ -176,7 +191,7 @@ def plan_cache(images: str, samples_per_shard: int, limit: int | None = None) ->
 
 
 def _start(
-    teacher: Teacher, plan: CachePlan, out: Path, codec: str, env: DistEnv
+    teacher: Teacher, plan: CachePlan, out: Path, codec: str, env: DistEnv, reduce: str
 ) -> tuple[CacheRun, list[int]]:
     """Claim OUT for this run's settings; this rank's unfinished shards, their leftovers removed."""
     field_codecs = codecs.parse_codecs(codec, feature_names(teacher.taps))
@@ -192,6 +207,7 @@ def _start(
         plan.samples_per_shard,
         len(plan.items),
         plan.inputs_sha256(),
+        reduction=reduction.canonical(reduce),
     )
     claim_run(out, run)
     todo = [i for i in range(env.rank, plan.num_shards, env.world_size) if not read_part(out, i)]
@@ -206,6 +222,7 @@ def write_cache(
     out: str | Path,
     *,
     codec: str = "fp16",
+    reduce: str = reduction.NONE,
     batch_size: int = 8,
     workers: int = 0,
     env: DistEnv | None = None,
@@ -215,14 +232,15 @@ def write_cache(
     """Cache `teacher`'s features for this rank's shards of `plan` in OUT; return the manifest.
 
     codec: one codec for every field, or per field ("embed=fp16,blocks=int8", see
-    `teachers.codecs.parse_codecs`).
+    `teachers.codecs.parse_codecs`). reduce: "none", or "tokens=K" to store each tapped block at
+    K token positions per sample (`teachers.reduction`).
 
     With `stop`, a request seen after a teacher batch drops the shard in progress (finished ones
     stay), updates the manifest and raises `Preempted`; a rerun redoes only the dropped shards.
     """
     env = env or dist_env()
     out = Path(out)
-    run, todo = _start(teacher, plan, out, codec, env)
+    run, todo = _start(teacher, plan, out, codec, env, reduce)
     items = [item for i in todo for item in plan.shard_items(i)]
     loader = torch.utils.data.DataLoader(
         _Decoded(items, teacher.img_size),
@@ -247,7 +265,11 @@ def write_cache(
                     writer = _ShardWriter(out, next(shards))
                 writer.write(
                     encode_sample(
-                        teacher, run.codecs, rec, {k: v[j].cpu() for k, v in feats.items()}
+                        teacher,
+                        run.codecs,
+                        rec,
+                        {k: v[j].cpu() for k, v in feats.items()},
+                        run.reduction,
                     )
                 )
                 if len(writer.keys) == len(plan.shard_items(writer.index)):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from teachers import codecs
+from teachers import codecs, reduction
 from teachers.cache import channel_axis
 from teachers.manifest import (
     MANIFEST,
@@ -26,16 +26,19 @@ from teachers.manifest import (
 from teachers.preprocess import decode_image, preprocess
 from teachers.runtime.files import file_sha256
 from teachers.sources import IMAGE_EXTS, expand_spec
-from teachers.teacher import Teacher, feature_names
+from teachers.teacher import EMBED, Teacher, feature_names
 
 
 @dataclass
 class CacheSample:
     """A decoded cache sample.
 
-    features: "embed" [256, h, w] and "block{i}" [h, w, C], float32.
-    meta: the sample's json (orig_hw, input_hw, img_size, codec, codecs, dtype, teacher, taps).
+    features: "embed" [256, h, w] and "block{i}" [h, w, C], float32; [K, C] in a cache with a
+    token reduction.
+    meta: the sample's json (orig_hw, input_hw, img_size, codec, codecs, dtype, teacher, taps,
+    reduction).
     ann: the source annotations, or None.
+    tokens: the stored token positions [K] (int64) of a token reduction, else None.
     """
 
     key: str
@@ -44,6 +47,7 @@ class CacheSample:
     features: dict[str, torch.Tensor]
     meta: dict
     ann: dict | None = None
+    tokens: torch.Tensor | None = None
 
 
 def load_manifest(cache_dir: str | Path) -> dict:
@@ -88,14 +92,16 @@ FACT_FLAGS = {
     "taps": "--teacher-taps",
     "img_size": "--img-size",
     "codec": "--codec",
+    "reduction": "--reduction",
 }
 
 
 def check_manifest(manifest: dict, source: str = "cache", **expected: object) -> None:
     """Refuse a cache whose manifest differs from what the caller expects.
 
-    expected: any of teacher, taps, img_size, codec, preprocess_version; None values are skipped.
-    codec is a spec ("int8", "embed=fp16,blocks=int8") compared field by field.
+    expected: any of teacher, taps, img_size, codec, reduction, preprocess_version; None values
+    are skipped. codec is a spec ("int8", "embed=fp16,blocks=int8") compared field by field;
+    reduction a spec ("none", "tokens=256"), "none" for a cache made before reductions.
     """
     wrong: dict[str, str] = {}
     for key, want in expected.items():
@@ -106,6 +112,8 @@ def check_manifest(manifest: dict, source: str = "cache", **expected: object) ->
                 wrong[key] = text
             continue
         have = manifest.get(key)
+        if key == "reduction":
+            have, want = have or reduction.NONE, reduction.canonical(str(want), "--reduction")
         if key == "taps":
             have, want = sorted(have or []), sorted(want)
         if have != want:
@@ -150,6 +158,7 @@ class CacheInfo:
     shards: the shard files to read (all of the manifest's, or those a glob chose).
     features: the stored feature names ("embed", then "block{i}" per tap).
     codec: the codec spec ("fp16", "embed=fp16,blocks=int8"); codecs: each feature's codec.
+    reduction: how the block outputs are stored ("none", "tokens=256", `teachers.reduction`).
     """
 
     folder: Path
@@ -164,15 +173,18 @@ class CacheInfo:
     num_samples: int
     complete: bool
     manifest: dict
+    reduction: str = reduction.NONE
 
     @property
     def facts(self) -> dict[str, object]:
-        """The facts a run may state and must then agree with: teacher, taps, img_size, codec."""
+        """The facts a run may state and must then agree with: teacher, taps, img_size, codec,
+        reduction."""
         return {
             "teacher": self.teacher,
             "taps": self.taps,
             "img_size": self.img_size,
             "codec": self.codec,
+            "reduction": self.reduction,
         }
 
 
@@ -205,6 +217,7 @@ def open_cache(spec: str | Path) -> CacheInfo:
             num_samples=int(manifest["num_samples"]),
             complete=bool(manifest["complete"]),
             manifest=manifest,
+            reduction=manifest.get("reduction", reduction.NONE),
         )
     except KeyError as err:
         raise ValueError(
@@ -226,11 +239,14 @@ def decode_sample(raw: dict) -> CacheSample:
                 stored["scale"] = codecs.from_npy_bytes(raw[f"{name}_scale.npy"])
             features[name] = codecs.decode(stored, per_field[name], channel_axis(name))
         ann = json.loads(raw["ann.json"]) if "ann.json" in raw else None
+        tokens = raw.get(f"{reduction.TOKENS}.npy")
+        if tokens is not None:
+            tokens = torch.from_numpy(codecs.from_npy_bytes(tokens).astype("int64"))
     except (KeyError, StopIteration, ValueError, json.JSONDecodeError) as err:
         raise ValueError(
             f"sample {key!r} in {raw.get('__url__', '?')} is corrupt: {err!r}"
         ) from err
-    return CacheSample(key, raw[ext], ext, features, meta, ann)
+    return CacheSample(key, raw[ext], ext, features, meta, ann, tokens)
 
 
 def read_cache(
@@ -308,8 +324,16 @@ def _recompute(teacher: Teacher, sample: CacheSample, slack: float) -> float:
     pre = preprocess(decode_image(sample.image, sample.key), teacher.img_size)
     fresh = teacher(pre.image[None])
     worst, per_field = 0.0, field_codecs(sample.meta)
+    if sample.tokens is not None:
+        k, hw = len(sample.tokens), sample.meta["input_hw"]
+        if not torch.equal(
+            sample.tokens, reduction.token_positions(sample.key, hw, teacher.img_size, k)
+        ):
+            return float("inf")  # positions the key does not give: the layer loss would mislead
     for name, cached in sample.features.items():
         ref = fresh[name][0]
+        if sample.tokens is not None and name != EMBED:  # stored at the sample's token positions
+            ref = reduction.take_tokens(ref, sample.tokens)
         bound = codecs.error_bound(ref, per_field[name], channel_axis(name))
         allowed = bound + slack * (1 + ref.abs())
         worst = max(worst, float(((cached - ref).abs() / allowed).max()))

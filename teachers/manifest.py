@@ -28,6 +28,7 @@ from pathlib import Path
 from webdataset.tariterators import base_plus_ext
 
 from teachers.codecs import parse_codecs
+from teachers.reduction import NONE
 from teachers.runtime.files import atomic_write, create_once, file_sha256
 from teachers.teacher import feature_names
 
@@ -43,7 +44,8 @@ class CacheRun:
     """What a cache was made with; a rerun into the same folder must match it field for field.
 
     codec: the codec spec ("fp16", or "embed=fp16,blocks=int8"); codecs: the codec of each
-    stored field ("embed", "block{i}").
+    stored field ("embed", "block{i}"); reduction: how the block outputs are reduced ("none",
+    "tokens=256", `teachers.reduction`).
     """
 
     teacher: str
@@ -57,6 +59,7 @@ class CacheRun:
     num_inputs: int
     inputs_sha256: str
     format_version: int = FORMAT_VERSION
+    reduction: str = NONE
 
 
 def shard_name(index: int) -> str:
@@ -95,9 +98,11 @@ def create_json_once(path: Path, data: dict) -> bool:
 def with_codecs(settings: dict) -> dict:
     """Settings (run.json or manifest.json) with per-field `codecs`, derived from the single
     `codec` string of caches written before fields had their own codec; fields in feature
-    order (embed, then the taps), whatever order the file keeps its keys in."""
+    order (embed, then the taps), whatever order the file keeps its keys in; and `reduction`
+    "none" where a cache made before reductions has none (`teachers.reduction`)."""
     if "codec" not in settings and "codecs" not in settings:
         return settings
+    settings = {"reduction": NONE} | settings
     fields = feature_names(settings.get("taps") or [])
     if "codecs" not in settings:
         return settings | {"codecs": parse_codecs(settings["codec"], fields, f"{RUN} codec")}

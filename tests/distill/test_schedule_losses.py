@@ -2,8 +2,17 @@ import numpy as np
 import pytest
 import torch
 
-from distill.losses import TapProjections, masked_mse, pair_losses, weighted_loss
+from distill.losses import (
+    TapProjections,
+    gather_tokens,
+    masked_mse,
+    pair_losses,
+    token_mse,
+    weighted_loss,
+)
 from distill.schedule import DLD_MODES, dld_weights
+from teachers.preprocess import valid_mask
+from teachers.reduction import take_tokens, token_positions
 
 PROGRESS = np.linspace(0, 1, 101)
 
@@ -93,3 +102,50 @@ def test_pair_losses_and_weighting_with_projections():
     assert (
         proj.proj[0].weight.grad is None and proj.proj[1].weight.grad is not None
     )  # weight 0 left out
+
+
+def _reduced_pair(hw=(256, 160), k=40, seed=0):
+    """A student/teacher tap pair [2, 16, 16, 8], the valid mask of `hw` at 256 px and each
+    image's token positions."""
+    gen = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(2, 16, 16, 8, generator=gen), torch.randn(2, 16, 16, 8, generator=gen)
+    valid = valid_mask(hw, 256)[None].expand(2, -1, -1)
+    tokens = torch.stack([token_positions(f"img{i}", hw, 256, k) for i in range(2)])
+    return s, t, valid, tokens
+
+
+def test_token_loss_equals_the_masked_loss_over_the_same_tokens():
+    s, t, valid, tokens = _reduced_pair()
+    assert all(len(row.unique()) == 40 for row in tokens)  # distinct: 160 valid cells >= K
+    on_tokens = torch.zeros(2, 256, dtype=torch.bool)
+    on_tokens[torch.arange(2)[:, None], tokens] = True
+    reference = masked_mse(s, t, on_tokens.view(2, 16, 16), channels_last=True)
+    teacher_stored = torch.stack([take_tokens(t[i], tokens[i]) for i in range(2)])  # as cached
+    loss = token_mse(gather_tokens(s, tokens), teacher_stored)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    # pair_losses gathers a whole student tap itself, or takes one gathered before projection
+    embed = torch.randn(2, 4, 16, 16)
+    whole = pair_losses(embed, [s], embed, [teacher_stored], valid, tokens)
+    gathered = pair_losses(
+        embed, [gather_tokens(s, tokens)], embed, [teacher_stored], valid, tokens
+    )
+    torch.testing.assert_close(whole[0], reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gathered[0], reference, rtol=1e-6, atol=0)
+    assert whole[1] == 0  # the final embedding stays whole and masked as before
+
+
+def test_token_loss_is_an_unbiased_estimate_of_the_full_masked_loss():
+    s, t, valid, _ = _reduced_pair()
+    full = masked_mse(s, t, valid, channels_last=True)
+    estimates = []
+    for i in range(3000):
+        tokens = torch.stack([token_positions(f"{i}:{j}", (256, 160), 256, 40) for j in range(2)])
+        teacher_stored = torch.stack([take_tokens(t[j], tokens[j]) for j in range(2)])
+        estimates.append(float(token_mse(gather_tokens(s, tokens), teacher_stored)))
+    mean, se = np.mean(estimates), np.std(estimates) / np.sqrt(len(estimates))
+    assert abs(mean - float(full)) < 4 * se  # measured within 1 se
+    assert np.std(estimates) > 0.01 * float(full)  # the positions really vary
+    # all valid cells (K = n): the estimate is the full loss itself
+    tokens = torch.stack([token_positions(f"all{j}", (256, 160), 256, 160) for j in range(2)])
+    teacher_stored = torch.stack([take_tokens(t[j], tokens[j]) for j in range(2)])
+    torch.testing.assert_close(token_mse(gather_tokens(s, tokens), teacher_stored), full)
