@@ -84,7 +84,15 @@ class Validation:
         pairs = list_pairs(cfg.data, "val", on_bad=cfg.on_bad, skips=self.skips)
         self.cfg, self.pairs = cfg, pairs[rank::world]
         if not pairs:
-            raise ValueError(f"{cfg.data}/val has no usable image/mask pair to validate on")
+            skipped = self.skips.num_skipped
+            raise ValueError(
+                f"{cfg.data}/val has no usable image/mask pair to validate on: "
+                + (
+                    f"{self.skips.summary()} (see the warnings above)"
+                    if skipped
+                    else "the split is empty (no image and no mask in it)"
+                )
+            )
 
     def __call__(self, engine: Engine, model: PromptedSam) -> dict[str, float]:
         sums = np.zeros(5)  # iou, dice, predicted area, true area, images
@@ -161,7 +169,7 @@ def train(cfg: AdaptConfig, stop: StopRequest | None = None, *, scorer: Scorer) 
     stop request (SIGUSR1/SIGTERM) saves a checkpoint after the current step and raises
     Preempted."""
     env = start_processes(cfg)
-    ckpt_dir = prepare_run_dir(cfg, env.rank)
+    ckpt_dir = prepare_run_dir(cfg, env.rank, "adapted.pt")
     model = build_model(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine = build_engine(cfg, model, trainable, AdaptLoss(cfg, model), env, stop)

@@ -77,6 +77,9 @@ class TrainConfig:
     """Checkpoints kept on disk (newest)."""
     resume: str | None = field(default=None, metadata={"choices": ("auto",)})
     """"auto": continue from the newest checkpoint in OUT; unset: OUT must hold none."""
+    overwrite: bool = False
+    """Allow an OUT that holds another run's exported model but no checkpoints, or a teacher
+    cache; without it such an OUT is refused."""
     log_every: int = 10
     """Steps between console log lines (the CSV gets every step)."""
     max_nonfinite: int = 20

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from distill.config import TrainConfig, batch_layout, deepspeed_config, warmup_steps
 from distill.schedule import lr_at
 from teachers.runtime.files import (
+    check_out_dir,
     safe_deepspeed_checkpoint_engine,
     save_atomic,
     write_text_atomic,
@@ -93,17 +94,30 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
-def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
-    """A job's run folder `cfg.out` with its config.json; refused if it holds checkpoints and
-    the run does not resume. Returns the checkpoint folder, `cfg.out/checkpoints`."""
+def prepare_run_dir(cfg: TrainConfig, rank: int, product: str = "student.pt") -> Path:
+    """A job's run folder `cfg.out` with its config.json, tried for writing before the work.
+    Refused if it holds checkpoints and the run does not resume, and without `--overwrite` if it
+    holds another run's `product` (the job's exported file) but no checkpoints, or a teacher
+    cache. Returns the checkpoint folder, `cfg.out/checkpoints`."""
     out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
     if latest_tag(ckpt_dir) and cfg.resume != "auto":
         raise ValueError(
             f"{out} already holds checkpoints: pass --resume auto to continue, or choose another --out"
         )
+    if not cfg.overwrite:
+        if (out / product).is_file() and not latest_tag(ckpt_dir):
+            raise ValueError(
+                f"--out {out} holds {product} from another run (no checkpoints beside it): "
+                "choose another --out, or pass --overwrite to replace it"
+            )
+        if (out / "manifest.json").is_file():
+            raise ValueError(
+                f"--out {out} holds a teacher cache (manifest.json): choose another --out for "
+                "the run, or pass --overwrite to write into it anyway"
+            )
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+        check_out_dir(out)
+        write_text_atomic(out / "config.json", json.dumps(cfg.to_json(), indent=1))
     return ckpt_dir
 
 
@@ -253,7 +267,12 @@ class Engine:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             _drop_unfinished(ckpt_dir)
         self.barrier()
-        self._save_files(ckpt_dir, tag, client)
+        try:
+            self._save_files(ckpt_dir, tag, client)
+        except BaseException:
+            # a save cut short (a full disk) frees its space; `latest` still names the last good one
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+            raise
         self.barrier()
         if self.env.rank == 0:
             _write_latest(ckpt_dir, tag)

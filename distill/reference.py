@@ -346,7 +346,7 @@ def save_reference(sam: Sam, path: Path) -> Path:
 def train(cfg: ReferenceConfig, stop: StopRequest | None = None, *, scenes: Scenes) -> Path:
     """Run (or resume) the reference teacher's training; the path of OUT/sam_mini.pth."""
     env = start_processes(cfg)
-    ckpt_dir = prepare_run_dir(cfg, env.rank)
+    ckpt_dir = prepare_run_dir(cfg, env.rank, "sam_mini.pth")
     torch.manual_seed(cfg.seed)
     sam = build_sam_mini()
     if cfg.init is not None:

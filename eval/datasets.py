@@ -8,11 +8,16 @@ which is the grid COCO and LVIS annotations refer to and what EfficientViT-SAM's
 
 Ground-truth masks come from the official APIs (`pycocotools` `COCO.annToRLE`, `lvis`
 `LVIS.ann_to_rle`): polygons are rasterised and merged, uncompressed (crowd) RLE is compressed.
+Annotations those APIs cannot use (a polygon of fewer than 3 points, an empty segmentation, a box
+with a negative or non-finite side, a non-finite area) are left out before the APIs see them,
+each named in a warning and counted in the output (`skipped_annotations`), never computed.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +57,8 @@ class EvalDataset:
     """Image id -> image file."""
     api: object = field(repr=False, default=None)
     """pycocotools COCO or lvis LVIS index over `gt`."""
+    skipped: dict[int, str] = field(default_factory=dict)
+    """Annotation id -> why it was left out of `gt` (`drop_bad_annotations`)."""
 
     def gt_rle(self, ann: dict) -> dict:
         """Compressed RLE of one annotation at its image's original size."""
@@ -91,14 +98,67 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def _finite(values: object) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, int | float) and math.isfinite(v) for v in values
+    )
+
+
+def annotation_problem(ann: dict) -> str | None:
+    """Why the APIs cannot use `ann` (pycocotools would crash on it, or a prompt would be
+    nonsense), or None."""
+    box = ann.get("bbox")
+    if not (_finite(box) and len(box) == 4):
+        return f"bbox {box!r} is not 4 finite numbers"
+    if box[2] < 0 or box[3] < 0:
+        return f"bbox {box!r} has a negative width or height"
+    area = ann.get("area")
+    if not (isinstance(area, int | float) and math.isfinite(area)):
+        return f"area {area!r} is not a finite number"
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        if not seg:
+            return "segmentation is an empty list"
+        for poly in seg:
+            if not _finite(poly) or len(poly) < 6 or len(poly) % 2:
+                points = len(poly) // 2 if isinstance(poly, list) else 0
+                return f"a polygon with {points} point(s) (3 or more finite x, y pairs needed)"
+    elif not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
+        return f"segmentation is neither polygons nor RLE ({type(seg).__name__})"
+    return None
+
+
+def drop_bad_annotations(gt: dict, path: Path) -> dict[int, str]:
+    """Remove from `gt` the annotations `annotation_problem` refuses, warn once naming them;
+    {annotation id: reason}."""
+    kept, skipped = [], {}
+    for ann in gt["annotations"]:
+        problem = annotation_problem(ann)
+        if problem is None:
+            kept.append(ann)
+        else:
+            skipped[ann.get("id")] = problem
+    if skipped:
+        gt["annotations"] = kept
+        named = "; ".join(f"annotation {i}: {why}" for i, why in list(skipped.items())[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        print(
+            f"warning: {path}: skipped {len(skipped)} annotation(s) with unusable geometry "
+            f"({named}{more}); the output counts them (skipped_annotations)",
+            file=sys.stderr,
+        )
+    return skipped
+
+
 def load_coco(coco_root: str | Path, split: str = "val2017", ann_json: str | Path | None = None):
     """COCO layout: `coco_root/annotations/instances_<split>.json` (or `ann_json`) and images in
     `coco_root/<split>/<file_name>`."""
     root = Path(coco_root)
     path = Path(ann_json) if ann_json else root / "annotations" / f"instances_{split}.json"
     gt = _read_json(path, "COCO annotation file")
+    skipped = drop_bad_annotations(gt, path)
     paths = {img["id"]: root / split / img["file_name"] for img in gt["images"]}
-    return EvalDataset("coco", path, gt, paths, coco_api(gt))
+    return EvalDataset("coco", path, gt, paths, coco_api(gt), skipped)
 
 
 def load_lvis(
@@ -111,12 +171,13 @@ def load_lvis(
         raise ValueError("LVIS needs --lvis-root (holding lvis_v1_val.json) or --lvis-json")
     path = Path(lvis_json) if lvis_json else Path(lvis_root) / "lvis_v1_val.json"
     gt = _read_json(path, "LVIS annotation file")
+    skipped = drop_bad_annotations(gt, path)
     paths = {}
     for img in gt["images"]:
         if "coco_url" not in img:
             raise ValueError(f"{path}: image {img['id']} has no coco_url to find its file by")
         paths[img["id"]] = Path(coco_root).joinpath(*img["coco_url"].split("/")[-2:])
-    return EvalDataset("lvis", path, gt, paths, lvis_api(gt))
+    return EvalDataset("lvis", path, gt, paths, lvis_api(gt), skipped)
 
 
 def _image(ds: EvalDataset, img: dict, **prompts) -> EvalImage:

@@ -33,6 +33,7 @@ from eval.parts import PartWriter, missing_parts, part_path, read_parts, write_j
 from eval.report import det_figures, format_table, gt_figures
 from eval.runner import Task, load_model, run_images
 from eval.vis import Overlays
+from teachers.runtime.files import check_out_file
 from teachers.runtime.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
 
 MAX_LISTED_MISSING = 100
@@ -129,6 +130,10 @@ def summarize(
     summary = _header(cfg, ds)
     summary.update(num_images=len(images), num_images_skipped=len(missing))
     summary["missing_images"] = missing[:MAX_LISTED_MISSING]
+    summary["num_annotations_skipped"] = len(ds.skipped)
+    summary["skipped_annotations"] = [
+        {"id": i, "reason": why} for i, why in list(ds.skipped.items())[:MAX_LISTED_MISSING]
+    ]
     if cfg.det_json:
         # AP over the run's images when it is a subset, else over every GT image (a GT object
         # on an image without detections is a miss).
@@ -179,6 +184,8 @@ def run(cfg: EvalConfig) -> dict | None:
     env = dist_env()
     if env.world_size > 1 and not cfg.out:
         raise ValueError("--out is required with several processes: part files go beside it")
+    if cfg.out:
+        check_out_file(cfg.out)  # before the evaluation, not after it
     share_cpu_threads()  # the node's cores split between its processes
     ds = load_dataset(cfg)
     images, missing = select_images(cfg, ds)

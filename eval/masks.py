@@ -46,6 +46,7 @@ from teachers.mask_folders import (  # noqa: E402
     prompt_box,
 )
 from teachers.runtime.exits import exit_status  # noqa: E402
+from teachers.runtime.files import check_out_file  # noqa: E402
 from teachers.runtime.flags import add_config_flags  # noqa: E402
 
 # (result key, column title, format); BER is x 100, the others in [0, 1].
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(cfg: MaskEvalConfig) -> None:
     """Evaluate, print the table, write --out; a bad pair under --on-bad stop says how to go on."""
+    if cfg.out:
+        check_out_file(cfg.out)  # before the evaluation, not after it
     try:
         summary = evaluate(cfg)
     except MaskDataError as err:

@@ -116,6 +116,8 @@ def format_table(summary: dict) -> str:
         f"{'detections' if det else 'instances'} on {summary['num_images']} images "
         f"({summary['num_images_skipped']} skipped)"
     )
+    if summary.get("num_annotations_skipped"):
+        head += f" | {summary['num_annotations_skipped']} annotations skipped (bad geometry)"
     model, other = _labels(summary)
     if det:
         return "\n".join([head, *_ap_rows(summary, model, other)])

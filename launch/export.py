@@ -64,11 +64,15 @@ class ExportConfig:
     """--prune: activation (needs --calib-shards) or weight scores."""
     opset: int = 17
     """ONNX opset."""
+    overwrite: bool = False
+    """Replace an earlier export (or pruning) in OUT; without it such an OUT is refused."""
 
     def __post_init__(self) -> None:
         for flag, value in (("--ckpt", self.ckpt), ("--out", self.out)):
             if not value:
                 raise ValueError(f"{flag} is required")
+        if Path(self.ckpt).is_dir():
+            raise ValueError(f"--ckpt {self.ckpt} is a folder: give the student.pt in it")
         if not Path(self.ckpt).is_file():
             raise ValueError(f"--ckpt {self.ckpt}: no such file")
         if self.int8 is not None and self.int8 not in INT8_MODES:
@@ -168,16 +172,42 @@ def export(cfg: ExportConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ExportConfig, argv, __doc__)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     return exit_status(lambda: report(cfg))
+
+
+def check_student(path: str) -> None:
+    """Refuse, before any work, a --ckpt that is not a student.pt (an adapted.pt, e.g. CAD's, or
+    an official SAM checkpoint): export and pruning read a student's metadata."""
+    from students.adapters.export import FORMAT as ADAPTED
+    from students.export import FORMAT as STUDENT
+    from teachers.runtime.files import safe_load
+
+    payload = safe_load(path, mmap=True)
+    kind = payload.get("format") if isinstance(payload, dict) else None
+    if kind == ADAPTED:
+        raise ValueError(
+            f"--ckpt {path} is an adapted.pt ({payload.get('method')} adapter): launch/export.py "
+            "exports a student.pt; the adapted model runs in PyTorch (students.load_sam)"
+        )
+    if kind != STUDENT:
+        raise ValueError(f"--ckpt {path} is not a student.pt (a sam-distill student export)")
 
 
 def report(cfg: ExportConfig) -> None:
     """Prune or export, write OUT/prune.json or OUT/export.json, print what was written."""
+    from teachers.runtime.files import check_out_dir, write_text_atomic
+
+    name = "prune.json" if cfg.prune else "export.json"
+    out = check_out_dir(cfg.out)
+    if (out / name).is_file() and not cfg.overwrite:
+        raise ValueError(
+            f"--out {out} holds an earlier {'pruning' if cfg.prune else 'export'} ({name}): "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+    check_student(cfg.ckpt)
     result = prune(cfg) if cfg.prune else export(cfg)
     settings = asdict(cfg)
-    name = "prune.json" if cfg.prune else "export.json"
-    (Path(cfg.out) / name).write_text(json.dumps({"settings": settings, **result}, indent=1))
+    write_text_atomic(out / name, json.dumps({"settings": settings, **result}, indent=1))
     for key, value in result.items():
         print(f"{key}: {value}")
     if cfg.prune:

@@ -10,6 +10,7 @@ the project resizes or normalises images.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 # Bumped whenever the function below changes what it returns; recorded in cache manifests.
 PREPROCESS_VERSION = 1
+# PIL's modes of 16-bit grayscale files (PNG opens as "I;16" or, in older Pillow, "I")
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,15 +47,26 @@ class Preprocessed:
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to an [H, W, 3] uint8 RGB array.
 
-    Grayscale, palette and RGBA images are converted to RGB by PIL (alpha is dropped). The EXIF
+    Grayscale, palette and RGBA images are converted to RGB by PIL (alpha is dropped); 16-bit
+    grayscale ones (PNG, TIFF) are scaled by their range to 8 bits first, with a warning. The EXIF
     orientation tag is ignored: pixels are used as stored, which is how COCO annotations and
     SAM's reference evaluation (PIL `Image.open(...).convert("RGB")`) address them.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.mode in WIDE_GRAY_MODES:
+                return _wide_gray_to_rgb(np.asarray(img), name)
             return np.asarray(img.convert("RGB"))
     except Exception as err:  # PIL raises several unrelated types for broken files
         raise ValueError(f"cannot decode image {name}: {err}") from err
+
+
+def _wide_gray_to_rgb(gray: np.ndarray, name: str) -> np.ndarray:
+    """A 16-bit grayscale image scaled by its type's range to 8 bits (value * 255 / 65535,
+    rounded), as RGB: PIL's own conversion clips at 255, which turns it near-white."""
+    log.warning("%s: a 16-bit grayscale image, scaled to 8 bits (value * 255 / 65535)", name)
+    scaled = np.clip(np.rint(gray.astype(np.float64) * (255 / 65535)), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(scaled[..., None], 3, axis=2))
 
 
 def load_image(path: str | Path) -> np.ndarray:

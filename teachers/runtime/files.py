@@ -6,11 +6,17 @@ DeepSpeed's training checkpoints through `safe_deepspeed_checkpoint_engine`. Eve
 file a reader may meet half-written (manifests, evaluation results, `student.pt`, `adapted.pt`,
 training checkpoints) is written through `atomic_write`: a temporary file beside the target, its
 name unique across processes and nodes (`.NAME.HOST.PID.RANDOM.tmp`), synced, then renamed onto
-the target, so a crash leaves the previous file or none, never half of one.
+the target, so a crash leaves the previous file or none, never half of one. A write that fails
+(a full disk) removes its temporary file and raises the `OSError` naming the target, also where
+`torch.save` would report only "unexpected pos".
+
+`check_out_dir` and `check_out_file` try an entry point's `--out` before the work starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import pickle
@@ -38,15 +44,38 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+class _Recording:
+    """A file object that keeps the `OSError` its writes raised: `torch.save` turns one into a
+    RuntimeError ("unexpected pos") that no longer says the disk is full."""
+
+    def __init__(self, f: IO[Any]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
 def _synced_temporary(path: Path, write: Callable[[IO[Any]], object], binary: bool) -> Path:
     tmp = temporary_path(path)
+    f = None
     try:
-        with open(tmp, "xb" if binary else "x") as f:
+        with open(tmp, "xb" if binary else "x") as raw:
+            f = _Recording(raw)
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
+            raw.flush()
+            os.fsync(raw.fileno())
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        cause = err if isinstance(err, OSError) else getattr(f, "error", None)
+        if cause is not None and cause.errno is not None:
+            raise OSError(cause.errno, os.strerror(cause.errno), str(path)) from err
         raise
     return tmp
 
@@ -80,6 +109,66 @@ def create_once(path: str | Path, write: Callable[[IO[Any]], object], binary: bo
         tmp.unlink(missing_ok=True)
 
 
+def _try_writing(folder: Path, flag: str, target: Path) -> None:
+    """Create and remove a file in `folder`: refuses a read-only or full disk before the work."""
+    probe = temporary_path(folder / ".write-test")
+    try:
+        with open(probe, "xb") as f:
+            f.write(b"\0")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise OSError(
+            err.errno or errno.EIO, f"{flag} {target}: cannot write there ({reason})"
+        ) from err
+    finally:
+        with contextlib.suppress(OSError):  # a read-only disk refuses even a missing file's unlink
+            probe.unlink()
+
+
+def _file_above(path: Path) -> Path | None:
+    """The first existing non-folder among the parents of `path`, if any."""
+    for parent in reversed(path.absolute().parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def _ready_folder(folder: Path, flag: str, given: Path) -> None:
+    blocker = folder if folder.exists() and not folder.is_dir() else _file_above(folder)
+    if blocker is not None:
+        what = "is a file" if blocker == given else f"is under {blocker}, which is a file"
+        raise ValueError(f"{flag} {given} {what}: give a folder there")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise OSError(err.errno, f"{flag} {given}: cannot create {folder} ({reason})") from err
+    _try_writing(folder, flag, given)
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create the output folder `path` and make sure a file can be written in it; a ValueError
+    (a file is in the way) or an OSError (read-only, full, no permission) names `flag` and `path`
+    before any work is done."""
+    path = Path(path)
+    _ready_folder(path, flag, path)
+    return path
+
+
+def check_out_file(path: str | Path, flag: str = "--out") -> Path:
+    """`check_out_dir` for a file to be written at `path`: its folder is created and tried, and
+    `path` must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{flag} {path} is a folder: give a file name, e.g. {path / 'result.json'}"
+        )
+    _ready_folder(path.absolute().parent, flag, path)
+    return path
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 
@@ -104,6 +193,10 @@ def safe_load(path: str | Path, mmap: bool = False) -> object:
     mmap: map the tensors instead of reading them (for a look at a few keys of a large file).
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.p*t*") if p.suffix in (".pt", ".pth"))
+        hint = f" (it holds {', '.join(found[:4])})" if found else ""
+        raise ValueError(f"{path} is a folder, not a checkpoint file: give the file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

@@ -133,6 +133,8 @@ def add_config_flags(
         name = f.name.replace("_", "-")
         if hints[f.name] is bool:
             flag = f"--no-{name}" if default else f"--{name}"
+            if default:  # the flag turns off what the docstring describes
+                kwargs["help"] = f"Turns off: {kwargs['help']}"
             kwargs["action"] = "store_false" if default else "store_true"
         else:
             flag = f"--{name}"
