@@ -12,6 +12,8 @@ build, runs in a child process, and the results JSON.
 * Children: `run_child` calls a function of a benchmark module in a fresh interpreter (a clean
   peak-memory reading, no warm caches shared between models) and returns its JSON result;
   `run_script` runs an entry script of the repository with its output in a log file.
+* Paired comparisons: `paired` gives the mean per-instance difference of two models on the same
+  instances, its standard error and the share improved.
 * Results: `write_results` writes one JSON per run: the figures, the command that made them, the
   config, the machine and the date.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -264,6 +267,22 @@ def run_script(script: str, *args: str, log: Path) -> None:
     if done.returncode:
         tail = log.read_text().splitlines()[-20:]
         raise RuntimeError(f"{script} failed ({done.returncode}), log {log}:\n" + "\n".join(tail))
+
+
+# --- paired comparisons ----------------------------------------------------------------------
+
+
+def paired(base: dict[int, float], new: dict[int, float]) -> dict[str, float]:
+    """Mean of new - base over the instances, its standard error, the share new improved."""
+    diffs = [new[k] - base[k] for k in sorted(base)]
+    n = len(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    return {
+        "mean": statistics.fmean(diffs),
+        "se": sd / math.sqrt(n),
+        "improved": sum(d > 0 for d in diffs) / n,
+        "n": n,
+    }
 
 
 # --- results ---------------------------------------------------------------------------------

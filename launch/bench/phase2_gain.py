@@ -27,8 +27,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 sys.path.insert(0, str(_here.parents[1]))
 
 import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
@@ -133,19 +131,6 @@ def agreements(out: Path, name: str, student: Path, protocol: str) -> dict[int, 
     return {r["id"]: 100 * r["agreement"][0] for r in map(json.loads, rows)}
 
 
-def paired(base: dict[int, float], new: dict[int, float]) -> dict[str, float]:
-    """Mean of new - base over the instances, its standard error, the share new improved."""
-    diffs = [new[k] - base[k] for k in sorted(base)]
-    n = len(diffs)
-    sd = statistics.stdev(diffs) if n > 1 else 0.0
-    return {
-        "mean": statistics.fmean(diffs),
-        "se": sd / math.sqrt(n),
-        "improved": sum(d > 0 for d in diffs) / n,
-        "n": n,
-    }
-
-
 def measure(
     out: Path,
     train_images: int = 1024,
@@ -181,11 +166,11 @@ def measure(
         scores = {k: agreements(out, s.parent.name, s, protocol) for k, s in students.items()}
         result[protocol] = {
             "agreement": {k: sum(v.values()) / len(v) for k, v in scores.items()},
-            "phase 2 - phase 1": paired(scores["+ phase 1"], scores["+ phase 2"]),
-            "phase 2 - phase 1, all steps": paired(
+            "phase 2 - phase 1": common.paired(scores["+ phase 1"], scores["+ phase 2"]),
+            "phase 2 - phase 1, all steps": common.paired(
                 scores["phase 1, all steps"], scores["+ phase 2"]
             ),
-            "phase 2 - start": paired(scores["phase 1"], scores["+ phase 2"]),
+            "phase 2 - start": common.paired(scores["phase 1"], scores["+ phase 2"]),
         }
     return result
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from launch.bench.common import ChildFailed, interleaved, run_child, write_results
+from launch.bench.common import ChildFailed, interleaved, paired, run_child, write_results
 from tests.conftest import REPO
 
 
@@ -44,3 +44,13 @@ def test_a_child_process_runs_a_function_and_names_its_error():
     with pytest.raises(ChildFailed) as failed:
         run_child("launch.bench.common:build_encoder", name="nope", image_size=64, device="cpu")
     assert "unknown model 'nope'" in failed.value.last_line
+
+
+def test_paired_differences_mean_standard_error_and_share_improved():
+    base = {1: 50.0, 2: 60.0, 3: 70.0, 4: 80.0}
+    new = {1: 52.0, 2: 59.0, 3: 74.0, 4: 81.0}  # differences 2, -1, 4, 1
+    d = paired(base, new)
+    assert d["n"] == 4 and d["mean"] == pytest.approx(1.5)
+    # sample sd of (2, -1, 4, 1) is sqrt(13 / 3); se = sd / 2
+    assert d["se"] == pytest.approx((13 / 3) ** 0.5 / 2)
+    assert d["improved"] == 0.75

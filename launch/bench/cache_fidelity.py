@@ -1,0 +1,182 @@
+r"""Fidelity of a token-reduced cache on the reference teacher: is a student distilled from taps
+stored at K tokens a sample as good as one distilled from whole taps, and do layer taps help at
+all over the final embedding alone? Three arms at equal steps, paired per held-out instance.
+
+    python launch/bench/cache_fidelity.py [--work runs/cache_fidelity] [--train-images 128] \
+        [--held-images 40] [--steps 150] [--tokens 64] [--out launch/bench/results/cache_fidelity.json]
+
+The teacher is the shipped `sam_mini` (512 px, a 32 x 32 token grid, taps 2 and 5). Training
+scenes are `eval.scenes.photos`' train split (seed 1, as the demo's); held-out scenes its held
+split (seed 2, photographs the teacher never trained on, as launch/bench/reference_teacher.py's).
+Both caches use the codec `embed=fp16,blocks=int8`; the reduced one stores `--tokens` token
+positions a sample (64 of 1,024 is the share that tokens=256 keeps of ViT-H's 4,096). The arms,
+`dfa_t` from the same seed, batch, learning rate and steps:
+
+- full: whole taps, progressive DLD weights;
+- reduced: taps at the stored tokens, progressive DLD weights;
+- final_only: the final embedding alone (DLD `final_only`, MobileSAM's and EdgeSAM's target).
+
+`eval/coco.py --compare-ckpt sam_mini` scores each student on the held-out scenes with the GT-box
+protocol (multimask argmax): GT mIoU, and teacher agreement (IoU of the student's mask with the
+teacher's). Per-instance differences between arms give the paired means and standard errors
+(`launch.bench.common.paired`). Stages already done under `--work` are reused. `measure` is the
+arm a claims benchmark imports; `main` writes the results JSON with the scale it ran at.
+"""
+
+import sys
+from pathlib import Path
+
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path.insert(0, str(_here.parents[1]))
+
+import json  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+from launch.bench import common  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
+from teachers.sam_mini import SAM_MINI_PATH  # noqa: E402
+
+CODEC = "embed=fp16,blocks=int8"
+TRAIN_SEED, HELD_SEED = 1, 2
+# arm -> (cache, extra distill flags)
+ARMS = {
+    "full": ("full", []),
+    "reduced": ("reduced", []),
+    "final_only": ("full", ["--dld", "final_only"]),
+}
+COMPARISONS = (("reduced", "full"), ("full", "final_only"), ("reduced", "final_only"))
+
+
+@dataclass
+class FidelityConfig:
+    """One run of the cache-fidelity benchmark."""
+
+    work: str = "runs/cache_fidelity"
+    """Folder for scenes, caches, runs and evaluations (stages done there are reused)."""
+    out: str = "launch/bench/results/cache_fidelity.json"
+    """The results JSON."""
+    train_images: int = 128
+    """Training scenes cached for every arm."""
+    held_images: int = 40
+    """Held-out scenes scored (all their instances)."""
+    steps: int = 150
+    """Distillation steps of every arm."""
+    batch_size: int = 8
+    """Batch size of every arm."""
+    lr: float = 2e-3
+    """Peak learning rate of every arm."""
+    tokens: int = 64
+    """Token positions per sample of the reduced cache."""
+    seed: int = 0
+    """Seed of every distillation run."""
+
+    def __post_init__(self) -> None:
+        for name in ("train_images", "held_images", "steps", "batch_size", "tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def make_caches(cfg: FidelityConfig, work: Path) -> dict[str, dict]:
+    """Scenes and the two caches of sam_mini's features (written once); their manifests."""
+    from eval.scenes.photos import make_photo_coco
+    from teachers import load_teacher
+    from teachers.cache import plan_cache, write_cache
+
+    if not (work / "train" / "annotations").exists():
+        make_photo_coco(work / "train", "train", cfg.train_images, seed=TRAIN_SEED)
+    if not (work / "held" / "annotations").exists():
+        make_photo_coco(work / "held", "held", cfg.held_images, seed=HELD_SEED)
+    teacher = load_teacher("sam_mini")
+    manifests = {}
+    for name, reduce in (("full", "none"), ("reduced", f"tokens={cfg.tokens}")):
+        plan = plan_cache(str(work / "train"), samples_per_shard=32)
+        manifests[name] = write_cache(
+            teacher, plan, work / f"cache_{name}", codec=CODEC, reduce=reduce, progress=False
+        )
+    return manifests
+
+
+def distill(cfg: FidelityConfig, work: Path, arm: str) -> Path:
+    """One arm's launch/distill.py run (one process, the plain torch engine); its student.pt."""
+    cache, extra = ARMS[arm]
+    student = work / arm / "student.pt"
+    if not student.exists():
+        args = ["--shards", str(work / f"cache_{cache}"), "--out", str(work / arm)]
+        args += ["--student", "dfa_t", "--steps", str(cfg.steps), "--lr", str(cfg.lr)]
+        args += ["--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), *extra]
+        args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
+        args += ["--log-every", "25", "--checkpoint-every", str(cfg.steps)]
+        common.run_script("launch/distill.py", *args, log=work / f"{arm}.log")
+    return student
+
+
+def instances(work: Path, arm: str, student: Path) -> list[dict]:
+    """Per held-out instance records of eval/coco.py (GT IoU, teacher IoU, agreement)."""
+    report = work / f"eval_{arm}.json"
+    if not report.exists():
+        args = ["--ckpt", str(student), "--coco-root", str(work / "held"), "--device", "cpu"]
+        args += ["--compare-ckpt", str(SAM_MINI_PATH), "--out", str(report), "--no-progress"]
+        common.run_script("eval/coco.py", *args, log=report.with_suffix(".log"))
+    lines = report.with_name(report.name + ".instances.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def measure(cfg: FidelityConfig) -> dict:
+    """The whole benchmark (stages already done under `cfg.work` are reused): the figures of
+    the results JSON, the scale it ran at first."""
+    work = Path(cfg.work).resolve()  # the scripts it runs start in the repository
+    work.mkdir(parents=True, exist_ok=True)
+    manifests = make_caches(cfg, work)
+    cache_bytes = {name: sum(s["bytes"] for s in m["shards"]) for name, m in manifests.items()}
+    records = {arm: instances(work, arm, distill(cfg, work, arm)) for arm in ARMS}
+    gt = {arm: {r["id"]: 100 * r["iou"][0] for r in rs} for arm, rs in records.items()}
+    agree = {arm: {r["id"]: 100 * r["agreement"][0] for r in rs} for arm, rs in records.items()}
+    teacher_gt = [100 * r["compare_iou"][0] for r in records["full"]]
+    result = {
+        "scale": {
+            "teacher": "sam_mini (512 px, 32 x 32 tokens, taps 2 and 5)",
+            "student": "dfa_t",
+            "codec": CODEC,
+            "reduction": f"tokens={cfg.tokens}",
+            "token_share": cfg.tokens / 1024,
+            "num_instances": len(teacher_gt),
+        }
+        | {k: v for k, v in asdict(cfg).items() if k not in ("work", "out")},
+        "cache_bytes": cache_bytes,
+        "teacher_gt_miou": sum(teacher_gt) / len(teacher_gt),
+        "gt_miou": {arm: sum(v.values()) / len(v) for arm, v in gt.items()},
+        "agreement": {arm: sum(v.values()) / len(v) for arm, v in agree.items()},
+    }
+    for new, base in COMPARISONS:
+        result[f"{new} - {base}"] = {
+            "gt_iou": common.paired(gt[base], gt[new]),
+            "agreement": common.paired(agree[base], agree[new]),
+        }
+    return result
+
+
+def print_result(result: dict) -> None:
+    print(
+        f"{'arm':<12} {'GT mIoU':>8} {'agreement':>10}   (teacher GT mIoU {result['teacher_gt_miou']:.1f})"
+    )
+    for arm in ARMS:
+        print(f"{arm:<12} {result['gt_miou'][arm]:>8.1f} {result['agreement'][arm]:>10.1f}")
+    for new, base in COMPARISONS:
+        for metric, d in result[f"{new} - {base}"].items():
+            print(
+                f"{new} - {base}, {metric}: {d['mean']:+.2f} +- {d['se']:.2f} (paired over "
+                f"{d['n']} instances, standard error), improved {d['improved']:.0%}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(FidelityConfig, argv, __doc__)
+    result = measure(cfg)
+    print_result(result)
+    common.write_results(cfg.out, result, cfg, script=__file__, argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
