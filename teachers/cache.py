@@ -22,6 +22,12 @@ Inputs are sorted by key and cut into consecutive shards of `samples_per_shard`;
 to rank i % world_size. A shard is written to `<name>.partial` and appears by atomic rename, so a
 crash leaves no half shard, and a rerun skips finished shards: no sample is ever written twice.
 No file is locked, so ranks on different nodes of NFS or Lustre can share OUT (teachers.manifest).
+An input that cannot be read or decoded is skipped (`on_bad="skip"`, the default: at SA-1B scale
+one bad JPEG must not strand a cache) and listed with its reason in its shard's manifest part and
+in manifest.json, or stops the run (`on_bad="stop"`) after the finished shards are recorded. A
+rerun keeps each finished shard whose inputs are unchanged (the same keys; a skipped input is
+tried again and rebuilds its shard once it reads) and whose file has its recorded size, and
+writes the rest: removing, adding or replacing an input redoes only the shards it touches.
 Each field may have its own codec (`--codec embed=fp16,blocks=int8`, `teachers.codecs`).
 On a stop request (SIGUSR1/SIGTERM, see teachers/runtime/preempt.py) the writer finishes the
 teacher batch in hand, drops the shard in progress, updates the manifest and raises `Preempted`.
@@ -32,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +53,7 @@ from teachers.manifest import (  # noqa: F401 (the cache's names, re-exported)
     RUN,
     CacheRun,
     claim_run,
+    drop_shard,
     merge_manifest,
     read_part,
     record_path,
@@ -58,6 +67,8 @@ from teachers.runtime.placement import DistEnv, dist_env
 from teachers.runtime.preempt import Preempted, StopRequest, ignore_in_worker, stop_workers
 from teachers.sources import SourceItem, list_sources, read_item
 from teachers.teacher import EMBED, Teacher, feature_names
+
+ON_BAD = ("skip", "stop")
 
 
 def channel_axis(field: str) -> int:
@@ -76,8 +87,11 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
-        image, ann = read_item(item)
-        pre = preprocess(decode_image(image, item.origin), self.img_size)
+        try:
+            image, ann = read_item(item)
+            pre = preprocess(decode_image(image, item.origin), self.img_size)
+        except (ValueError, OSError) as err:  # a bad input: skipped or fatal (`on_bad`)
+            return {"item": item, "bad": str(err)}
         return {
             "item": item,
             "image": image,
@@ -144,24 +158,33 @@ class _ShardWriter:
         self.final = out / shard_name(index)
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.keys: list[str] = []
+        self.skipped: list[dict] = []
         self.writer = wds.TarWriter(str(self.partial), mtime=0.0)
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.keys) + len(self.skipped)
 
     def write(self, sample: dict) -> None:
         self.writer.write(sample)
         self.keys.append(sample["__key__"])
 
+    def skip(self, item: SourceItem, reason: str) -> None:
+        self.skipped.append({"key": item.key, "origin": item.origin, "reason": reason})
+
     def finish(self) -> None:
         self.writer.close()
         with open(self.partial, "rb") as f:
             os.fsync(f.fileno())
-        record = shard_record(self.partial, self.keys) | {"name": self.final.name}
+        record = shard_record(self.partial, self.keys, self.skipped) | {"name": self.final.name}
         os.replace(self.partial, self.final)
         write_json_atomic(record_path(self.out, self.index), record)
 
     def discard(self) -> None:
         """Close and delete the unfinished shard: it never gets its final name."""
-        self.writer.close()
-        self.partial.unlink(missing_ok=True)
+        if self.partial.exists():
+            self.writer.close()
+            self.partial.unlink(missing_ok=True)
 
 
 @dataclass
@@ -210,10 +233,54 @@ def _start(
         reduction=reduction.canonical(reduce),
     )
     claim_run(out, run)
-    todo = [i for i in range(env.rank, plan.num_shards, env.world_size) if not read_part(out, i)]
-    for i in todo:  # leftovers of a killed run
-        (out / (shard_name(i) + ".partial")).unlink(missing_ok=True)
+    _drop_beyond(out, plan.num_shards)
+    todo = []
+    for i in range(env.rank, plan.num_shards, env.world_size):
+        why = _redo_reason(out, plan, i, teacher.img_size)
+        if why is None:
+            continue
+        if why:
+            print(f"rank {env.rank}: rebuilding {shard_name(i)}: {why}", flush=True)
+            drop_shard(out, i)
+        todo.append(i)
+        (out / (shard_name(i) + ".partial")).unlink(missing_ok=True)  # a killed run's leftover
     return run, todo
+
+
+def _reads(item: SourceItem, img_size: int) -> bool:
+    try:
+        preprocess(decode_image(read_item(item)[0], item.origin), img_size)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _redo_reason(out: Path, plan: CachePlan, index: int, img_size: int) -> str | None:
+    """None when shard `index` is finished for this plan; else why it must be written: "" when
+    it never was, else what changed since (its inputs, its size, a skipped input that reads)."""
+    part = read_part(out, index)
+    if part is None:
+        return ""
+    planned = plan.shard_items(index)
+    skipped = {s["key"] for s in part.get("skipped", [])}
+    if sorted(part["keys"] + sorted(skipped)) != sorted(item.key for item in planned):
+        return "its inputs changed since it was written"
+    size = (out / shard_name(index)).stat().st_size
+    if "bytes" in part and size != part["bytes"]:
+        return f"it has {size} bytes, its manifest part {part['bytes']}"
+    for item in planned:
+        if item.key in skipped and _reads(item, img_size):
+            return f"{item.origin}, skipped when it was written, now reads"
+    return None
+
+
+def _drop_beyond(out: Path, num_shards: int) -> None:
+    """Remove shards past the plan's last one (left by a run over more inputs)."""
+    for path in sorted(out.glob(shard_name(0).replace("000000", "*"))):
+        index = shard_index(path.name)
+        if index >= num_shards:
+            print(f"removing {path.name}: the inputs now make {num_shards} shard(s)", flush=True)
+            drop_shard(out, index)
 
 
 def write_cache(
@@ -228,6 +295,7 @@ def write_cache(
     env: DistEnv | None = None,
     progress: bool = True,
     stop: StopRequest | None = None,
+    on_bad: str = "skip",
 ) -> dict:
     """Cache `teacher`'s features for this rank's shards of `plan` in OUT; return the manifest.
 
@@ -237,7 +305,11 @@ def write_cache(
 
     With `stop`, a request seen after a teacher batch drops the shard in progress (finished ones
     stay), updates the manifest and raises `Preempted`; a rerun redoes only the dropped shards.
+    on_bad: "skip" leaves out an input that cannot be read or decoded and lists it in the
+    manifest; "stop" raises a ValueError naming it, after recording the finished shards.
     """
+    if on_bad not in ON_BAD:
+        raise ValueError(f"--on-bad {on_bad!r}: choose one of {', '.join(ON_BAD)}")
     env = env or dist_env()
     out = Path(out)
     run, todo = _start(teacher, plan, out, codec, env, reduce)
@@ -249,7 +321,6 @@ def write_cache(
         collate_fn=_collate,
         worker_init_fn=ignore_in_worker,
     )
-    device = next(teacher.parameters()).device
     bar = tqdm(total=len(items), unit="img", desc=f"cache rank {env.rank}", disable=not progress)
     shards = iter(todo)
     writer: _ShardWriter | None = None
@@ -259,30 +330,68 @@ def write_cache(
     batches = iter(loader)
     try:
         for batch in batches:
-            feats = teacher(torch.stack([r["x"] for r in batch]).to(device))
-            for j, rec in enumerate(batch):
-                if writer is None:
-                    writer = _ShardWriter(out, next(shards))
-                writer.write(
-                    encode_sample(
-                        teacher,
-                        run.codecs,
-                        rec,
-                        {k: v[j].cpu() for k, v in feats.items()},
-                        run.reduction,
-                    )
-                )
-                if len(writer.keys) == len(plan.shard_items(writer.index)):
-                    writer.finish()
-                    writer, num_finished = None, num_finished + 1
+            if on_bad == "stop" and (bad := next((r for r in batch if "bad" in r), None)):
+                _stop_on_bad(out, run, plan, writer, bad["bad"])
+            writer, finished = _write_batch(teacher, run, plan, out, batch, writer, shards)
+            num_finished += finished
             bar.update(len(batch))
             num_done += len(batch)
             if stop is not None and stop.requested and num_done < len(items):
                 _leave(out, run, plan, env, writer, num_finished, stop.signal)
+    except BaseException:
+        if writer is not None:  # its space freed (a full disk); a rerun writes it again
+            writer.discard()
+        raise
     finally:
         bar.close()
         stop_workers(batches)
     return merge_manifest(out, run, plan.num_shards)
+
+
+def _write_batch(
+    teacher: Teacher,
+    run: CacheRun,
+    plan: CachePlan,
+    out: Path,
+    batch: list[dict],
+    writer: _ShardWriter | None,
+    shards: Iterator[int],
+) -> tuple[_ShardWriter | None, int]:
+    """The teacher on the batch's good inputs, each sample written (a bad input recorded as
+    skipped) in order; the shard in progress and the number of shards finished."""
+    good = [r for r in batch if "bad" not in r]
+    feats = {}
+    if good:
+        feats = teacher(torch.stack([r["x"] for r in good]).to(next(teacher.parameters()).device))
+    num_finished, j = 0, 0
+    for rec in batch:
+        if writer is None:
+            writer = _ShardWriter(out, next(shards))
+        if "bad" in rec:
+            writer.skip(rec["item"], rec["bad"])
+            tqdm.write(f"skipped input {rec['item'].key}: {rec['bad']}", file=sys.stderr)
+        else:
+            sample = {k: v[j].cpu() for k, v in feats.items()}
+            writer.write(encode_sample(teacher, run.codecs, rec, sample, run.reduction))
+            j += 1
+        if writer.num_inputs == len(plan.shard_items(writer.index)):
+            writer.finish()
+            writer, num_finished = None, num_finished + 1
+    return writer, num_finished
+
+
+def _stop_on_bad(
+    out: Path, run: CacheRun, plan: CachePlan, writer: _ShardWriter | None, reason: str
+) -> None:
+    """`on_bad="stop"`: drop the shard in progress, record the finished ones, name the input."""
+    if writer is not None:
+        writer.discard()
+    manifest = merge_manifest(out, run, plan.num_shards)
+    raise ValueError(
+        f"{reason} (--on-bad stop): {out} keeps its {len(manifest['shards'])} finished shard(s); "
+        "fix or remove the input and rerun, or rerun with --on-bad skip, which leaves it out "
+        f"and lists it in {MANIFEST}"
+    )
 
 
 def _leave(

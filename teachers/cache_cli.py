@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from teachers.build import DEFAULT_TAPS, TEACHER_NAMES, TEACHER_SIZES
-from teachers.cache import CachePlan, plan_cache, write_cache
+from teachers.cache import ON_BAD, CachePlan, plan_cache, write_cache
 from teachers.cache_read import load_manifest, verify_cache
 from teachers.codecs import parse_codecs
-from teachers.manifest import repair_cache
+from teachers.manifest import drop_shard, repair_cache, shard_index
 from teachers.reduction import num_tokens
 from teachers.runtime.exits import exit_status
+from teachers.runtime.files import check_out_dir
 from teachers.runtime.flags import add_config_flags
 from teachers.runtime.placement import DistEnv, dist_env, local_cuda_device, share_cpu_threads
 from teachers.runtime.preempt import StopRequest
@@ -24,8 +26,9 @@ from teachers.teacher import DTYPES, feature_names, load_teacher
 class CacheConfig:
     """Settings of one caching (or verify) run."""
 
-    teacher: str = field(default="vit_h", metadata={"choices": TEACHER_NAMES})
-    """Teacher architecture: vit_h, vit_l, vit_b, or vit_tiny (tests and demo)."""
+    teacher: str | None = field(default=None, metadata={"choices": TEACHER_NAMES})
+    """Teacher architecture: vit_h (unset: vit_h when caching), vit_l, vit_b, or vit_tiny (tests
+    and demo). With --verify, unset means the cache's, and another is refused."""
     teacher_ckpt: str | None = None
     """Official SAM checkpoint file (flat state dict); optional only for vit_tiny."""
     images: str = ""
@@ -60,20 +63,28 @@ class CacheConfig:
     verify: int | None = field(default=None, metadata={"nargs": "?", "const": 8, "metavar": "N"})
     """Verify OUT instead of caching: re-check sha256 and counts, and recompute this many random
     samples (8 with a bare --verify)."""
+    repair: bool = False
+    """With --verify: delete every bad shard it finds and cache it again (give --images, and
+    --limit and --teacher-ckpt, as when the cache was made); the other settings come from the
+    cache's manifest."""
+    on_bad: str = field(default="skip", metadata={"choices": ON_BAD})
+    """An input that cannot be read or decoded: skip (leave it out, listed with its reason in
+    manifest.json) or stop (exit 2 naming it; finished shards are kept)."""
     progress: bool = True
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        if self.teacher not in TEACHER_NAMES:
+        if self.teacher is not None and self.teacher not in TEACHER_NAMES:
             raise ValueError(
                 f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHER_NAMES)}"
             )
-        depth = TEACHER_SIZES[self.teacher][1]
-        layers = DEFAULT_TAPS[self.teacher] if self.layers is None else self.layers
+        name = self.teacher or "vit_h"
+        depth = TEACHER_SIZES[name][1]
+        layers = DEFAULT_TAPS[name] if self.layers is None else self.layers
         bad = [t for t in layers if not 0 <= t < depth]
         if bad:
             raise ValueError(
-                f"--layers {','.join(map(str, layers))}: {self.teacher} has blocks 0..{depth - 1}; "
+                f"--layers {','.join(map(str, layers))}: {name} has blocks 0..{depth - 1}; "
                 f"{', '.join(map(str, bad))} is not one of them"
             )
         parse_codecs(self.codec, feature_names(sorted(set(layers))))
@@ -88,6 +99,13 @@ class CacheConfig:
             raise ValueError("--out is required")
         if self.verify is None and not self.images:
             raise ValueError("--images is required (unless --verify)")
+        if self.repair and (self.verify is None or not self.images):
+            raise ValueError(
+                "--repair rebuilds bad shards from the inputs: give it with --verify and --images "
+                "(and --limit, --teacher-ckpt) as when the cache was made"
+            )
+        if self.on_bad not in ON_BAD:
+            raise ValueError(f"--on-bad {self.on_bad!r}: choose one of {', '.join(ON_BAD)}")
         for flag, value in (
             ("--batch-size", self.batch_size),
             ("--samples-per-shard", self.samples_per_shard),
@@ -118,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> CacheConfig:
 def run_verify(cfg: CacheConfig) -> int:
     repaired = repair_cache(cfg.out)  # before the manifest is read: it may be merged again
     manifest = load_manifest(cfg.out)
+    if cfg.teacher not in (None, manifest["teacher"]):
+        raise ValueError(
+            f"--teacher {cfg.teacher}: {cfg.out} was made by {manifest['teacher']} (leave "
+            "--teacher out to verify with the cache's)"
+        )
     num_samples = manifest["num_samples"]
     if cfg.verify and cfg.verify > num_samples:
         print(
@@ -125,7 +148,7 @@ def run_verify(cfg: CacheConfig) -> int:
             f"({num_samples}): recomputing all of them (--verify {num_samples} says so)"
         )
     teacher = None
-    if cfg.verify:
+    if cfg.verify or cfg.repair:
         teacher = load_teacher(
             manifest["teacher"],
             cfg.teacher_ckpt,
@@ -142,7 +165,48 @@ def run_verify(cfg: CacheConfig) -> int:
     )
     for name, reason in sorted(report.bad_shards.items()):
         print(f"BAD {name}: {reason}")
-    print("cache OK" if report.ok else f"cache has {len(report.bad_shards)} bad shard(s)")
+    if report.ok:
+        print("cache OK")
+        return 0
+    if cfg.repair:
+        return rebuild_shards(cfg, teacher, manifest, report.bad_shards)
+    print(
+        f"cache has {len(report.bad_shards)} bad shard(s): add --repair --images SPEC (and "
+        "--limit, --teacher-ckpt as when it was made) to rebuild them"
+    )
+    return 1
+
+
+def rebuild_shards(cfg: CacheConfig, teacher, manifest: dict, bad: dict[str, str]) -> int:
+    """--verify --repair: delete the bad shards and cache them again with the manifest's
+    settings, from --images, which must name the inputs the cache was made from."""
+    plan = plan_cache(cfg.images, manifest["samples_per_shard"], cfg.limit)
+    if plan.inputs_sha256() != manifest["inputs_sha256"]:
+        raise ValueError(
+            f"--images {cfg.images} (--limit {cfg.limit}) names {len(plan.items)} inputs, not the "
+            f"{manifest['num_inputs']} {cfg.out} was made from: give the same --images and --limit"
+        )
+    for name in sorted(bad):
+        drop_shard(Path(cfg.out), shard_index(name))
+    fresh = write_cache(
+        teacher,
+        plan,
+        cfg.out,
+        codec=manifest["codec"],
+        reduce=manifest.get("reduction", "none"),
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        progress=cfg.progress,
+        on_bad=cfg.on_bad,
+    )
+    for name in sorted(bad):
+        print(f"REBUILT {name}")
+    report = verify_cache(cfg.out, repair=False)
+    print(
+        f"{cfg.out}: {len(fresh['shards'])} of {fresh['num_shards']} shards, "
+        f"{fresh['num_samples']} samples; "
+        + ("cache OK" if report.ok else "still bad: " + ", ".join(sorted(report.bad_shards)))
+    )
     return 0 if report.ok else 1
 
 
@@ -178,10 +242,11 @@ def _run(cfg: CacheConfig, stop: StopRequest | None = None) -> int:
         return run_verify(cfg)
     env = dist_env()
     device = local_cuda_device(env) if cfg.device == "cuda" else "cpu"
+    check_out_dir(cfg.out)
     plan = plan_cache(cfg.images, cfg.samples_per_shard, cfg.limit)
     explain_plan(cfg, plan, env)
     teacher = load_teacher(
-        cfg.teacher, cfg.teacher_ckpt, taps=cfg.layers, dtype=cfg.dtype, device=device
+        cfg.teacher or "vit_h", cfg.teacher_ckpt, taps=cfg.layers, dtype=cfg.dtype, device=device
     )
     manifest = write_cache(
         teacher,
@@ -194,11 +259,14 @@ def _run(cfg: CacheConfig, stop: StopRequest | None = None) -> int:
         env=env,
         progress=cfg.progress,
         stop=stop,
+        on_bad=cfg.on_bad,
     )
     done = len(manifest["shards"])
+    skipped = manifest["num_skipped"]
     print(
         f"rank {env.rank}/{env.world_size}: {cfg.out} has {done} of {manifest['num_shards']} shards, "
         f"{manifest['num_samples']} samples"
+        + (f", {skipped} input(s) skipped (listed in {cfg.out}/manifest.json)" if skipped else "")
         + ("" if manifest["complete"] else " (other ranks still writing)")
     )
     return 0

@@ -5,7 +5,9 @@ not honoured or not shared between clients, so nothing here locks:
 
 - `run.json` (the settings) is created once: the first rank links a finished temporary file to
   the name, which either creates it or fails because it exists (`os.link` is atomic on NFS and
-  Lustre); every later rank reads and compares.
+  Lustre); every later rank reads and compares. Only the inputs may change between runs
+  (`INPUT_FIELDS`): run.json then records the new ones and the writer keeps the finished shards
+  whose inputs are unchanged.
 - Each finished shard gets its own *manifest part* `shard-NNNNNN.json` (sample count, sha256,
   keys), written to a temporary file and renamed into place by the rank that wrote the shard.
   The parts are the record: no process ever rewrites another's.
@@ -110,22 +112,32 @@ def with_codecs(settings: dict) -> dict:
     return settings | {"codecs": {f: stored[f] for f in fields if f in stored} | stored}
 
 
-def claim_run(out: Path, run: CacheRun) -> None:
-    """Record the run settings, or check them against the ones OUT was started with."""
+# Settings a rerun may change: the finished shards whose inputs are unchanged are kept
+# (`teachers.cache`), so an input removed, added or replaced after a skip costs one shard.
+INPUT_FIELDS = ("num_inputs", "inputs_sha256")
+
+
+def claim_run(out: Path, run: CacheRun) -> dict | None:
+    """Record the run settings, or check them against the ones OUT was started with. The inputs
+    may differ: run.json then records this run's, and the settings it held are returned."""
     path = out / RUN
     if create_json_once(path, asdict(run)):
-        return
+        return None
     old = with_codecs(json.loads(path.read_text()))
     diff = [
         f"{k}: cache has {old.get(k)!r}, this run {v!r}"
         for k, v in asdict(run).items()
-        if old.get(k) != v
+        if k not in INPUT_FIELDS and old.get(k) != v
     ]
     if diff:
         raise ValueError(
             f"{out} already holds a cache made with other settings ({'; '.join(diff)}). "
             "Rerun with the same settings to resume, or choose another --out."
         )
+    if all(old.get(k) == getattr(run, k) for k in INPUT_FIELDS):
+        return None
+    write_json_atomic(path, asdict(run))
+    return old
 
 
 def read_part(out: Path, index: int) -> dict | None:
@@ -144,19 +156,23 @@ def read_part(out: Path, index: int) -> dict | None:
 def _entries(out: Path, num_shards: int) -> list[dict]:
     parts = (read_part(out, i) for i in range(num_shards))
     # "bytes" lets a reader find a missing or cut shard without hashing it (older parts lack it)
-    fields = ("name", "num_samples", "sha256", "bytes")
+    fields = ("name", "num_samples", "sha256", "bytes", "skipped")
     return [{k: p[k] for k in fields if k in p} for p in parts if p]
 
 
 def merge_manifest(out: Path, run: CacheRun, num_shards: int) -> dict:
     """Rewrite manifest.json from the manifest parts that exist now (see the module docstring
-    for why it lists them again after writing)."""
+    for why it lists them again after writing). Every input a shard skipped is listed under
+    "skipped" with its shard and reason, so num_samples + num_skipped counts the inputs."""
     shards = _entries(out, num_shards)
     while True:
+        skipped = [{"shard": s["name"]} | x for s in shards for x in s.get("skipped", [])]
         manifest = asdict(run) | {
-            "shards": shards,
+            "shards": [{k: v for k, v in s.items() if k != "skipped"} for s in shards],
             "num_shards": num_shards,
             "num_samples": sum(s["num_samples"] for s in shards),
+            "num_skipped": len(skipped),
+            "skipped": skipped,
             "complete": len(shards) == num_shards,
         }
         write_json_atomic(out / MANIFEST, manifest)
@@ -176,15 +192,24 @@ def tar_keys(path: Path) -> list[str]:
     return list(keys)
 
 
-def shard_record(path: Path, keys: list[str]) -> dict:
-    """The manifest part of a finished shard file."""
-    return {
+def shard_record(path: Path, keys: list[str], skipped: list[dict] | None = None) -> dict:
+    """The manifest part of a finished shard file; `skipped`: the inputs of the shard that were
+    left out ({"key", "origin", "reason"}), when there are any."""
+    record = {
         "name": path.name,
         "num_samples": len(keys),
         "sha256": file_sha256(path),
         "bytes": path.stat().st_size,
         "keys": keys,
     }
+    return record | ({"skipped": skipped} if skipped else {})
+
+
+def drop_shard(out: Path, index: int) -> None:
+    """Remove shard `index` and its manifest part (the part first: a shard without one counts
+    as unfinished, and no repair rebuilds a part from a shard about to be replaced)."""
+    record_path(out, index).unlink(missing_ok=True)
+    (out / shard_name(index)).unlink(missing_ok=True)
 
 
 def repair_cache(out: str | Path) -> dict[str, str]:

@@ -100,8 +100,11 @@ def test_rerun_with_other_settings_is_refused(teacher, coco_root, tmp_path):
         match="already holds a cache made with other settings.*codec: cache has 'fp16', this run 'bf16'",
     ):
         _cache(teacher, coco_root, tmp_path, limit=4, codec="bf16")
-    with pytest.raises(ValueError, match="num_inputs: cache has 4, this run 5"):
-        _cache(teacher, coco_root, tmp_path, limit=5)
+    # other inputs are not other settings: the finished shards whose inputs are unchanged stay
+    before = json.loads((tmp_path / "shard-000000.json").read_text())
+    manifest = _cache(teacher, coco_root, tmp_path, limit=5)
+    assert manifest["complete"] and manifest["num_samples"] == 5
+    assert json.loads((tmp_path / "shard-000000.json").read_text()) == before
 
 
 def test_ranks_split_shards_without_overlap(teacher, coco_root, tmp_path):
