@@ -153,19 +153,18 @@ class CacheStream(torch.utils.data.IterableDataset):
                     if read > skip:
                         yield sample, (drawn, read)
             except (tarfile.TarError, OSError, ValueError) as err:
+                problem = f"shard {shard['url']} is unreadable after {read} samples: {err}"
                 if spec.on_corrupt == "stop":
-                    raise ValueError(
-                        f"shard {shard['url']} is unreadable after {read} samples: {err}"
-                    ) from err
-                yield None, (drawn, read)
+                    raise ValueError(problem) from err
+                yield problem, (drawn, read)  # the rest of the shard, skipped and named
             drawn, skip = drawn + 1, 0
 
     def _batches(self, logical: int) -> Iterator[dict]:
         batch, corrupt = [], 0
         for raw, position in self._samples(logical):
             try:
-                if raw is None:
-                    raise ValueError("unreadable tar")
+                if isinstance(raw, str):
+                    raise ValueError(raw)
                 batch.append(self._decode(raw, position[0]))
             except ValueError as err:
                 if self.spec.on_corrupt == "stop":
