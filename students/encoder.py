@@ -241,6 +241,14 @@ def _per_block_sizes(
 
 
 def _build(sizes: dict[str, Any], overrides: dict[str, Any]) -> DFAEncoder:
+    # ``tile`` (with ``dilation``, default 1) is one plain pattern for every DFA block, given as
+    # numbers so that --student-options can ask for it: tile=8 is windowed attention only,
+    # a tile as large as the grid (e.g. 64) is global attention (tiles are clipped to the grid).
+    overrides = dict(overrides)
+    if "tile" in overrides or "dilation" in overrides:
+        if "tile" not in overrides:
+            raise ValueError("dilation needs tile: give both, e.g. tile=32,dilation=2")
+        overrides["patterns"] = [[int(overrides.pop("tile")), int(overrides.pop("dilation", 1))]]
     # Overriding ``patterns`` alone means "these patterns in every DFA block": drop the builder's
     # per-block choice instead of silently ignoring the override.
     if "patterns" in overrides and "block_patterns" not in overrides:

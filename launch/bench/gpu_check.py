@@ -15,6 +15,8 @@ of time loses nothing of the others) and printed as a table at the end:
    `deepspeed --num_gpus 1 launch/distill.py` (dfa_s, bf16 on CUDA, NCCL), phase 2, adaptation
    with cad and conv_lora, and `eval/coco.py` (GT-box mIoU beside the teacher and the box-fill
    baseline). Each step says whether it ran, how long it took, and the tail of its log if not.
+   With --device cpu --quick the same commands run on 8 scenes for 2 steps each, with dfa_t and
+   CAD's branch at 128 px (about 3 minutes on 2 cores): every code path short of the CUDA ones.
 3. speed: per encoder (students, SAM ViT-B/H, MobileSAM's TinyViT, EfficientViT-SAM-L0, random
    weights: latency does not depend on them) latency at batch 1 (synchronised median) and
    throughput at batch 16, fp32 and bf16, peak memory, and for the students `torch.compile` and
@@ -203,6 +205,10 @@ def pipeline_commands(cfg: GpuCheckConfig) -> dict[str, list[str]]:
     port = os.environ.get("GPU_CHECK_PORT", "29671")
     deepspeed = [str(Path(py).parent / "deepspeed"), "--num_gpus", "1", "--master_port", port]
     adapt = _flags(ckpt=student, data=out / "domain", steps=s["adapt"], batch_size=4) + run
+    # --quick: the small student, and CAD's own branch at the demo's size, so the CPU run of
+    # every step takes seconds; on the GPU the check's sizes
+    small = cfg.quick and cfg.device == "cpu"
+    cad = _flags(options="width=32,input_size=128") if small else []
     cache = _flags(teacher="sam_mini", images=out / "train", out=out / "cache", workers=0)
     teacher = REPO / "teachers" / "weights" / "sam_mini.pth"
     return {
@@ -210,7 +216,8 @@ def pipeline_commands(cfg: GpuCheckConfig) -> dict[str, list[str]]:
         "distill": [
             *deepspeed,
             "launch/distill.py",
-            *_flags(shards=out / "cache", student="dfa_s", out=out / "distill"),
+            *_flags(shards=out / "cache", student="dfa_t" if small else "dfa_s"),
+            *_flags(out=out / "distill"),
             *_flags(steps=s["steps"], batch_size=8, engine="deepspeed"),
             *run,
         ],
@@ -221,7 +228,10 @@ def pipeline_commands(cfg: GpuCheckConfig) -> dict[str, list[str]]:
             *_flags(steps=s["phase2"], batch_size=4, engine="torch"),
             *run,
         ],
-        "adapt_cad": [py, "launch/adapt.py", *adapt, "--method", "cad", "--out", str(out / "cad")],
+        "adapt_cad": [
+            *[py, "launch/adapt.py", *adapt, *cad],
+            *_flags(method="cad", out=out / "cad"),
+        ],
         "adapt_conv_lora": [
             *[py, "launch/adapt.py", *adapt],
             *_flags(method="conv_lora", out=out / "conv_lora"),

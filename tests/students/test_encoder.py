@@ -120,3 +120,37 @@ def test_bad_inputs_raise() -> None:
         model(torch.randn(1, 3, 120, 128))
     with pytest.raises(ValueError, match="taps"):
         model.forward_features(_image(1, 128), taps=[len(model.blocks)])
+
+
+def _plain_attention(attn, x: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Multi-head attention of `attn`'s weights over the whole grid, or inside square windows."""
+    b, h, w, c = x.shape
+    q, k, v = attn.qkv(x).view(b, h, w, 3, attn.num_heads, attn.head_dim).unbind(3)
+    if window is None:
+        window = h
+    tiles = [
+        (slice(i, i + window), slice(j, j + window))
+        for i in range(0, h, window)
+        for j in range(0, w, window)
+    ]
+    out = torch.zeros_like(q)
+    for rows, cols in tiles:
+        qt, kt, vt = (t[:, rows, cols].flatten(1, 2).transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+        out[:, rows, cols] = o.transpose(1, 2).reshape(b, window, window, *q.shape[-2:])
+    return attn.proj(out.flatten(3))
+
+
+@pytest.mark.parametrize(("tile", "window"), [(8, 8), (64, None)])
+def test_tile_option_is_windowed_or_global_attention_in_every_block(tile, window) -> None:
+    torch.manual_seed(0)
+    model = build_student("dfa_t", img_size=256, tile=tile)
+    assert model.student_kwargs == {"img_size": 256, "tile": tile}
+    attns = [b.attn for b in model.blocks if isinstance(b, DFABlock)]
+    assert len(attns) == 4 and all(a.patterns == ((tile, 1),) for a in attns)
+    x = torch.randn(2, 16, 16, model.embed_dim)
+    with torch.no_grad():
+        got, want = attns[0](x), _plain_attention(attns[0], x, window)
+    assert (got - want).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="dilation needs tile"):
+        build_student("dfa_t", dilation=2)
