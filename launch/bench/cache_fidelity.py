@@ -153,7 +153,32 @@ def measure(cfg: FidelityConfig) -> dict:
             "gt_iou": common.paired(gt[base], gt[new]),
             "agreement": common.paired(agree[base], agree[new]),
         }
-    return result
+    return result | {"tables": {"fidelity": doc_table(result)}}
+
+
+def doc_table(result: dict) -> dict:
+    """The docs' table (`launch/bench/tables.py` renders it): caption, header, rows."""
+    scale = result["scale"]
+    names = {
+        "full": "whole taps",
+        "reduced": f"taps at `{scale['reduction']}`",
+        "final_only": "final embedding only",
+    }
+    rows = [
+        [names[a], f"{result['gt_miou'][a]:.1f}", f"{result['agreement'][a]:.1f}"] for a in ARMS
+    ]
+    for new, base in COMPARISONS:
+        d = result[f"{new} - {base}"]
+        cells = [f"{d[m]['mean']:+.2f} +- {d[m]['se']:.2f}" for m in ("gt_iou", "agreement")]
+        rows.append([f"{names[new]} - {names[base]}", *cells])
+    caption = (
+        f"`dfa_t` distilled from `sam_mini` ({scale['train_images']} training scenes, "
+        f"{scale['steps']} steps of batch {scale['batch_size']} for every arm; codec "
+        f"`{scale['codec']}`), scored on {scale['num_instances']} held-out instances with "
+        f"GT boxes (teacher GT mIoU {result['teacher_gt_miou']:.1f}); differences paired per "
+        "instance, with standard errors."
+    )
+    return {"caption": caption, "header": ["student", "GT mIoU", "teacher agreement"], "rows": rows}
 
 
 def print_result(result: dict) -> None:
