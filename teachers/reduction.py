@@ -28,7 +28,6 @@ it costs the same fraction of the bytes at any width.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -109,9 +108,3 @@ def sample_nbytes(
     if k is not None:
         out[TOKENS] = k * TOKEN_DTYPE.itemsize
     return out
-
-
-def tap_fraction(grid: int, reduction: str) -> float:
-    """The share of a tap's tokens a sample stores (1 for none; at most 1)."""
-    k = num_tokens(reduction)
-    return 1.0 if k is None else min(1.0, k / math.prod((grid, grid)))
