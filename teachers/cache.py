@@ -35,6 +35,7 @@ teacher batch in hand, drops the shard in progress, updates the manifest and rai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -150,6 +151,17 @@ def encode_sample(
     return sample
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError without a file name (a tar write on a full disk) names `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
+        raise
+
+
 class _ShardWriter:
     """Writes one shard to `<name>.partial`, then fsyncs, records and renames it into place."""
 
@@ -166,14 +178,16 @@ class _ShardWriter:
         return len(self.keys) + len(self.skipped)
 
     def write(self, sample: dict) -> None:
-        self.writer.write(sample)
+        with _naming(self.partial):
+            self.writer.write(sample)
         self.keys.append(sample["__key__"])
 
     def skip(self, item: SourceItem, reason: str) -> None:
         self.skipped.append({"key": item.key, "origin": item.origin, "reason": reason})
 
     def finish(self) -> None:
-        self.writer.close()
+        with _naming(self.partial):
+            self.writer.close()
         with open(self.partial, "rb") as f:
             os.fsync(f.fileno())
         record = shard_record(self.partial, self.keys, self.skipped) | {"name": self.final.name}
@@ -183,7 +197,11 @@ class _ShardWriter:
     def discard(self) -> None:
         """Close and delete the unfinished shard: it never gets its final name."""
         if self.partial.exists():
-            self.writer.close()
+            with contextlib.suppress(OSError):  # a full disk fails the close's flush too
+                self.writer.close()
+            if self.writer.own_fileobj is not None:  # left open when that close failed
+                with contextlib.suppress(OSError):
+                    self.writer.own_fileobj.close()
             self.partial.unlink(missing_ok=True)
 
 
@@ -364,19 +382,24 @@ def _write_batch(
     if good:
         feats = teacher(torch.stack([r["x"] for r in good]).to(next(teacher.parameters()).device))
     num_finished, j = 0, 0
-    for rec in batch:
-        if writer is None:
-            writer = _ShardWriter(out, next(shards))
-        if "bad" in rec:
-            writer.skip(rec["item"], rec["bad"])
-            tqdm.write(f"skipped input {rec['item'].key}: {rec['bad']}", file=sys.stderr)
-        else:
-            sample = {k: v[j].cpu() for k, v in feats.items()}
-            writer.write(encode_sample(teacher, run.codecs, rec, sample, run.reduction))
-            j += 1
-        if writer.num_inputs == len(plan.shard_items(writer.index)):
-            writer.finish()
-            writer, num_finished = None, num_finished + 1
+    try:
+        for rec in batch:
+            if writer is None:
+                writer = _ShardWriter(out, next(shards))
+            if "bad" in rec:
+                writer.skip(rec["item"], rec["bad"])
+                tqdm.write(f"skipped input {rec['item'].key}: {rec['bad']}", file=sys.stderr)
+            else:
+                sample = {k: v[j].cpu() for k, v in feats.items()}
+                writer.write(encode_sample(teacher, run.codecs, rec, sample, run.reduction))
+                j += 1
+            if writer.num_inputs == len(plan.shard_items(writer.index)):
+                writer.finish()
+                writer, num_finished = None, num_finished + 1
+    except BaseException:
+        if writer is not None:  # its space freed (a full disk); a rerun writes it again
+            writer.discard()
+        raise
     return writer, num_finished
 
 

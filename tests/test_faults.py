@@ -473,3 +473,18 @@ def test_small_ones(inputs, student_pt, tmp_path, capsys):
     err = _one_error_line(capsys.readouterr().err)
     assert f"--ckpt {adapted} is an adapted.pt (cad adapter)" in err
     assert not list((tmp_path / "deploy").glob("*.onnx"))
+
+
+def test_a_full_disk_stops_the_cache_in_one_line_and_a_rerun_finishes(twelve_images, tmpfs, capsys):
+    disk = tmpfs("300k")  # run.json fits, the first shard does not
+    out = disk / "cache"
+    assert cache_main(_cache_argv(twelve_images, out)) == 2
+    captured = capsys.readouterr()
+    err = _one_error_line(captured.err)
+    assert err == f"error: {out}/shard-000000.tar.partial: No space left on device"
+    assert "Exception ignored" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # nothing holds the space
+    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+    assert cache_main(_cache_argv(twelve_images, out)) == 0
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 12
+    assert verify_cache(out).ok
