@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -285,16 +286,20 @@ def test_an_unusable_out_is_one_line_naming_it_before_the_work(
 
 
 def _tmpfs(path: Path, size: str, *options: str) -> None:
-    """Mount a tmpfs of `size` at `path` (as root), or skip saying why."""
+    """Mount a tmpfs of `size` at `path` (as root), or skip saying why, loudly."""
+    reason = None
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("SKIPPED LOUDLY: mounting a tmpfs needs root and mount(8); run as root")
-    path.mkdir(parents=True, exist_ok=True)
-    opts = ",".join([f"size={size}", *options])
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=False)
-    if done.returncode != 0:
-        pytest.skip(
-            f"SKIPPED LOUDLY: cannot mount a tmpfs at {path} (mount exit {done.returncode})"
-        )
+        reason = "mounting a tmpfs needs root and mount(8): run the tests as root"
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ",".join([f"size={size}", *options])
+        cmd = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            reason = f"cannot mount a tmpfs at {path}: {done.stderr.strip()}"
+    if reason is not None:  # in the warnings summary too, not only under -rs
+        warnings.warn(f"read-only and full-disk tests NOT RUN: {reason}", stacklevel=2)
+        pytest.skip(f"NOT RUN: {reason}")
 
 
 @pytest.fixture
