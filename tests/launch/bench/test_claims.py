@@ -1,0 +1,86 @@
+"""The claims benchmark end to end at --quick: every arm ran, its paired figures are the
+per-instance differences of the reports they pair, and the figures that hold at any budget hold:
+a distilled student beats the undistilled one clearly, and int8 keeps the fp32 student's GT mIoU
+within a point. A rerun into the same --work with another setup is refused, naming the setting."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, unplaced_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    work = tmp_path_factory.mktemp("claims")
+    out = work / "claims.json"
+    cmd = [sys.executable, "launch/bench/claims.py", "--work", str(work)]
+    done = subprocess.run(
+        [*cmd, "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=unplaced_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work, json.loads(out.read_text()), cmd
+
+
+def _gt(work, name):
+    path = work / "eval" / f"{name}_multimask.json.instances.jsonl"
+    return {r["id"]: 100 * r["iou"][0] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_every_arm_and_its_comparisons_are_in_the_results(bench):
+    _, result, _ = bench
+    assert set(result) >= {"distill", "dld", "attention", "phase2", "deploy", "tables", "plot"}
+    assert set(result["dld"]) == {
+        f"progressive - {m}" for m in ("stepwise", "uniform", "final_only")
+    }
+    assert set(result["attention"]["latency_ms_1024"]) == {"dfa", "windowed", "global"}
+    assert len(result["phase2"]) == 4 and len(result["deploy"]) == 5
+    rows = result["tables"]["claims"]["rows"]
+    assert len(rows) == 3 + 3 + 2 + 4 + 5 and all(len(r) == 7 for r in rows)
+    assert "keeps" in result["tables"]["headline"] and result["plot"].endswith(".png")
+
+
+def test_paired_figures_are_the_per_instance_differences(bench):
+    work, result, _ = bench
+    base, new = _gt(work, "progressive"), _gt(work, "uniform")
+    diffs = [base[k] - new[k] for k in sorted(base)]
+    got = result["dld"]["progressive - uniform"]
+    assert got["n"] == len(diffs) > 5
+    assert got["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-9)
+    assert got["se"] == pytest.approx(statistics.stdev(diffs) / len(diffs) ** 0.5, abs=1e-9)
+
+
+def test_distillation_beats_no_distillation_and_int8_keeps_the_fp32_miou(bench):
+    _, result, _ = bench
+    gain = result["distill"]["student - undistilled"]
+    assert gain["mean"] > 3 and gain["mean"] > 2 * gain["se"], gain
+    miou = result["distill"]["miou"]
+    assert miou["teacher"] > miou["undistilled"]
+    share = result["distill"]["share_of_teacher"]
+    assert share == pytest.approx(miou["student"] / miou["teacher"], rel=1e-12)
+    int8 = result["deploy"]["int8_torch - fp32"]
+    assert abs(int8["mean"]) < 1.0, int8
+
+
+def test_a_work_folder_made_with_another_setup_is_refused_by_name(bench):
+    work, _, cmd = bench
+    done = subprocess.run(
+        [*cmd, "--out", str(work / "other.json")],  # the full run's sizes
+        cwd=REPO,
+        env=unplaced_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "steps" in done.stderr and str(work) in done.stderr
