@@ -19,8 +19,10 @@ positions a sample (64 of 1,024 is the share that tokens=256 keeps of ViT-H's 4,
 `eval/coco.py --compare-ckpt sam_mini` scores each student on the held-out scenes with the GT-box
 protocol (multimask argmax): GT mIoU, and teacher agreement (IoU of the student's mask with the
 teacher's). Per-instance differences between arms give the paired means and standard errors
-(`launch.bench.common.paired`). Stages already done under `--work` are reused. `measure` is the
-arm a claims benchmark imports; `main` writes the results JSON with the scale it ran at.
+(`launch.bench.common.paired`). Stages already done under `--work` are reused. `arm` is the entry
+for a claims benchmark, which imports no other benchmark but runs it in a child process:
+`common.run_child("launch.bench.cache_fidelity:arm", work=..., steps=...)` returns the figures;
+`main` writes the results JSON with the scale it ran at.
 """
 
 import sys
@@ -179,6 +181,11 @@ def doc_table(result: dict) -> dict:
         "instance, with standard errors."
     )
     return {"caption": caption, "header": ["student", "GT mIoU", "teacher agreement"], "rows": rows}
+
+
+def arm(**settings: object) -> dict:
+    """`measure` with `FidelityConfig(**settings)`: the figures, JSON-ready (for `run_child`)."""
+    return measure(FidelityConfig(**settings))
 
 
 def print_result(result: dict) -> None:

@@ -156,36 +156,29 @@ def adapters_table(encoders: tuple[str, ...] = ("dfa_s", "vit_b")) -> str:
     return markdown(header, rows)
 
 
-VIT_H_SAMPLE = {"embed": ((256, 64, 64), 0), "block": ((64, 64, 1280), -1)}
-VIT_H_TAPS = 4
 SA1B_IMAGES_PER_PERCENT = 112_000  # 10 SA-1B tars, the peers' "1%"
+CACHE_SETTINGS = [(c, "none") for c in ("fp16", "bf16", "int8", "embed=fp16,blocks=int8")]
+CACHE_SETTINGS += [("embed=fp16,blocks=int8", "tokens=256"), ("fp16", "tokens=256")]
 
 
 def cache_bytes_table() -> str:
-    """Bytes per cached ViT-H sample (final embedding plus four tapped blocks) by codec."""
-    from teachers.codecs import CODECS, stored_nbytes
+    """Bytes per cached ViT-H sample (final embedding plus four tapped blocks) by codec and
+    reduction (`teachers.reduction.sample_nbytes`)."""
+    from teachers.codecs import parse_codecs
+    from teachers.reduction import sample_nbytes
 
-    def nbytes(field: str, codec: str) -> int:
-        shape, axis = VIT_H_SAMPLE[field]
-        return stored_nbytes(shape, codec, axis)
-
-    specs = [(c, c, c) for c in CODECS] + [("embed=fp16,blocks=int8", "fp16", "int8")]
-    fp16 = nbytes("embed", "fp16") + VIT_H_TAPS * nbytes("block", "fp16")
-    rows = []
-    for spec, embed_codec, block_codec in specs:
-        embed, block = nbytes("embed", embed_codec), nbytes("block", block_codec)
-        total = embed + VIT_H_TAPS * block
+    fields, rows, fp16 = ["embed", "block7", "block15", "block23", "block31"], [], None
+    for spec, reduction in CACHE_SETTINGS:
+        widths, per_field = dict.fromkeys(fields[1:], 1280), parse_codecs(spec, fields)
+        found = sample_nbytes(64, widths, per_field, reduction)
+        embed, total = found["embed"], sum(found.values())
+        fp16 = fp16 or total
+        cells = [embed, total - embed, total]
+        tb = f"{total * SA1B_IMAGES_PER_PERCENT / 1e12:.2f} TB"
         rows.append(
-            [
-                f"`{spec}`",
-                thousands(embed),
-                thousands(block),
-                thousands(total),
-                f"{total / fp16:.3f}",
-                f"{total * SA1B_IMAGES_PER_PERCENT / 1e12:.2f} TB",
-            ]
+            [f"`{spec}`", f"`{reduction}`", *map(thousands, cells), f"{total / fp16:.3f}", tb]
         )
-    header = ["codec", "embed bytes", "each block bytes", "bytes / sample", "x fp16"]
+    header = ["codec", "reduction", "embed bytes", "taps bytes", "bytes / sample", "x fp16"]
     return markdown([*header, "1% of SA-1B (112,000 images)"], rows)
 
 
@@ -383,6 +376,20 @@ def sam_mini_table() -> str:
 
 # --- rendering -------------------------------------------------------------------------------
 
+
+def stored_table(name: str, key: str) -> Callable[[], str]:
+    """A table that benchmark `name` keeps in its results JSON under "tables": its caption,
+    header and rows of formatted cells, beside the figures they come from."""
+
+    def render() -> str:
+        data = load_results(name)
+        table = data["tables"][key]
+        head = table["caption"] + " " + source_line(name, data)
+        return head + markdown(table["header"], table["rows"]) + table.get("note", "")
+
+    return render
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "students": students_table,
     "adapters": adapters_table,
@@ -396,6 +403,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "eval_runner": eval_runner_table,
     "adapt": adapt_table,
     "meta": meta_table,
+    "cache_io": stored_table("cache_io", "loader"),
+    "storage_feed": stored_table("cache_io", "storage"),
+    "cache_fidelity": stored_table("cache_fidelity", "fidelity"),
 }
 # The results file (launch/bench/results/NAME.json) behind each measured table.
 MEASURED = {
@@ -407,6 +417,9 @@ MEASURED = {
     "eval_runner": "eval_runner",
     "adapt": "adapt",
     "meta": "meta",
+    "cache_io": "cache_io",
+    "storage_feed": "cache_io",
+    "cache_fidelity": "cache_fidelity",
 }
 
 
