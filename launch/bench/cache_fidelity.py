@@ -16,6 +16,11 @@ positions a sample (64 of 1,024 is the share that tokens=256 keeps of ViT-H's 4,
 - reduced: taps at the stored tokens, progressive DLD weights;
 - final_only: the final embedding alone (DLD `final_only`, MobileSAM's and EdgeSAM's target).
 
+Every arm trains `--seeds` times (the seed sets the student's initialisation and the data order).
+A paired standard error over instances says nothing of the training run, so the results give
+each comparison per seed and on the per-instance scores averaged over the seeds, and, as a
+yardstick, how far two seeds of one arm differ ("seed 1 - seed 0").
+
 `eval/coco.py --compare-ckpt sam_mini` scores each student on the held-out scenes with the GT-box
 protocol (multimask argmax): GT mIoU, and teacher agreement (IoU of the student's mask with the
 teacher's). Per-instance differences between arms give the paired means and standard errors
@@ -48,6 +53,7 @@ ARMS = {
     "final_only": ("full", ["--dld", "final_only"]),
 }
 COMPARISONS = (("reduced", "full"), ("full", "final_only"), ("reduced", "final_only"))
+METRICS = {"gt_iou": "iou", "agreement": "agreement"}  # figure -> per-instance record key
 
 
 @dataclass
@@ -71,10 +77,12 @@ class FidelityConfig:
     tokens: int = 64
     """Token positions per sample of the reduced cache."""
     seed: int = 0
-    """Seed of every distillation run."""
+    """Seed of the first distillation run of every arm."""
+    seeds: int = 2
+    """Distillation runs of every arm, with seeds seed, seed + 1, ..."""
 
     def __post_init__(self) -> None:
-        for name in ("train_images", "held_images", "steps", "batch_size", "tokens"):
+        for name in ("train_images", "held_images", "steps", "batch_size", "tokens", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
@@ -99,17 +107,23 @@ def make_caches(cfg: FidelityConfig, work: Path) -> dict[str, dict]:
     return manifests
 
 
-def distill(cfg: FidelityConfig, work: Path, arm: str) -> Path:
-    """One arm's launch/distill.py run (one process, the plain torch engine); its student.pt."""
+def run_name(arm: str, i: int) -> str:
+    """The folder of an arm's i-th run: the arm's name, then arm_seed1, ..."""
+    return arm if i == 0 else f"{arm}_seed{i}"
+
+
+def distill(cfg: FidelityConfig, work: Path, arm: str, i: int) -> Path:
+    """An arm's i-th launch/distill.py run (one process, the plain torch engine); its student.pt."""
     cache, extra = ARMS[arm]
-    student = work / arm / "student.pt"
+    name = run_name(arm, i)
+    student = work / name / "student.pt"
     if not student.exists():
-        args = ["--shards", str(work / f"cache_{cache}"), "--out", str(work / arm)]
+        args = ["--shards", str(work / f"cache_{cache}"), "--out", str(work / name)]
         args += ["--student", "dfa_t", "--steps", str(cfg.steps), "--lr", str(cfg.lr)]
-        args += ["--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), *extra]
+        args += ["--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed + i), *extra]
         args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
         args += ["--log-every", "25", "--checkpoint-every", str(cfg.steps)]
-        common.run_script("launch/distill.py", *args, log=work / f"{arm}.log")
+        common.run_script("launch/distill.py", *args, log=work / f"{name}.log")
     return student
 
 
@@ -131,10 +145,18 @@ def measure(cfg: FidelityConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     manifests = make_caches(cfg, work)
     cache_bytes = {name: sum(s["bytes"] for s in m["shards"]) for name, m in manifests.items()}
-    records = {arm: instances(work, arm, distill(cfg, work, arm)) for arm in ARMS}
-    gt = {arm: {r["id"]: 100 * r["iou"][0] for r in rs} for arm, rs in records.items()}
-    agree = {arm: {r["id"]: 100 * r["agreement"][0] for r in rs} for arm, rs in records.items()}
-    teacher_gt = [100 * r["compare_iou"][0] for r in records["full"]]
+    runs = {
+        arm: [
+            instances(work, run_name(arm, i), distill(cfg, work, arm, i)) for i in range(cfg.seeds)
+        ]
+        for arm in ARMS
+    }
+    # figure -> arm -> per seed {instance id: score in percent}
+    scores = {
+        m: {a: [{r["id"]: 100 * r[key][0] for r in rs} for rs in runs[a]] for a in ARMS}
+        for m, key in METRICS.items()
+    }
+    teacher_gt = [100 * r["compare_iou"][0] for r in runs["full"][0]]
     result = {
         "scale": {
             "teacher": "sam_mini (512 px, 32 x 32 tokens, taps 2 and 5)",
@@ -147,15 +169,30 @@ def measure(cfg: FidelityConfig) -> dict:
         | {k: v for k, v in asdict(cfg).items() if k not in ("work", "out")},
         "cache_bytes": cache_bytes,
         "teacher_gt_miou": sum(teacher_gt) / len(teacher_gt),
-        "gt_miou": {arm: sum(v.values()) / len(v) for arm, v in gt.items()},
-        "agreement": {arm: sum(v.values()) / len(v) for arm, v in agree.items()},
     }
+    for m, by_arm in scores.items():
+        result[f"{m}_by_seed"] = {a: [_mean(run) for run in runs] for a, runs in by_arm.items()}
+        result[m] = {a: sum(v) / len(v) for a, v in result[f"{m}_by_seed"].items()}
     for new, base in COMPARISONS:
         result[f"{new} - {base}"] = {
-            "gt_iou": common.paired(gt[base], gt[new]),
-            "agreement": common.paired(agree[base], agree[new]),
+            m: common.paired(_pooled(by_arm[base]), _pooled(by_arm[new]))
+            | {"by_seed": [common.paired(b, n)["mean"] for b, n in zip(by_arm[base], by_arm[new])]}
+            for m, by_arm in scores.items()
+        }
+    if cfg.seeds > 1:
+        result["seed 1 - seed 0"] = {
+            a: {m: common.paired(scores[m][a][0], scores[m][a][1]) for m in METRICS} for a in ARMS
         }
     return result | {"tables": {"fidelity": doc_table(result)}}
+
+
+def _mean(scores: dict[int, float]) -> float:
+    return sum(scores.values()) / len(scores)
+
+
+def _pooled(runs: list[dict[int, float]]) -> dict[int, float]:
+    """Per instance, the mean over an arm's runs."""
+    return {k: sum(run[k] for run in runs) / len(runs) for k in runs[0]}
 
 
 def doc_table(result: dict) -> dict:
@@ -166,19 +203,38 @@ def doc_table(result: dict) -> dict:
         "reduced": f"taps at `{scale['reduction']}`",
         "final_only": "final embedding only",
     }
+
+    def seeds(values: list[float], spec: str) -> str:
+        return "" if len(values) < 2 else f" ({', '.join(format(v, spec) for v in values)})"
+
     rows = [
-        [names[a], f"{result['gt_miou'][a]:.1f}", f"{result['agreement'][a]:.1f}"] for a in ARMS
+        [names[a]]
+        + [f"{result[m][a]:.1f}{seeds(result[f'{m}_by_seed'][a], '.1f')}" for m in METRICS]
+        for a in ARMS
     ]
     for new, base in COMPARISONS:
         d = result[f"{new} - {base}"]
-        cells = [f"{d[m]['mean']:+.2f} +- {d[m]['se']:.2f}" for m in ("gt_iou", "agreement")]
+        cells = [
+            f"{d[m]['mean']:+.2f} +- {d[m]['se']:.2f}{seeds(d[m]['by_seed'], '+.2f')}"
+            for m in METRICS
+        ]
         rows.append([f"{names[new]} - {names[base]}", *cells])
+    for a, d in result.get("seed 1 - seed 0", {}).items():
+        rows.append(
+            [
+                f"{names[a]}: seed 1 - seed 0",
+                *(f"{d[m]['mean']:+.2f} +- {d[m]['se']:.2f}" for m in METRICS),
+            ]
+        )
     caption = (
         f"`dfa_t` distilled from `sam_mini` ({scale['train_images']} training scenes, "
-        f"{scale['steps']} steps of batch {scale['batch_size']} for every arm; codec "
-        f"`{scale['codec']}`), scored on {scale['num_instances']} held-out instances with "
-        f"GT boxes (teacher GT mIoU {result['teacher_gt_miou']:.1f}); differences paired per "
-        "instance, with standard errors."
+        f"{scale['steps']} steps of batch {scale['batch_size']} for every run; codec "
+        f"`{scale['codec']}`), {scale['seeds']} runs (seeds) an arm, scored on "
+        f"{scale['num_instances']} held-out instances with GT boxes (teacher GT mIoU "
+        f"{result['teacher_gt_miou']:.1f}). Arms: the mean over seeds (each seed's in brackets); "
+        "differences: paired per instance on the scores averaged over seeds, with standard "
+        "errors over instances (each seed's difference in brackets); the last rows show how far "
+        "two seeds of one arm differ."
     )
     return {"caption": caption, "header": ["student", "GT mIoU", "teacher agreement"], "rows": rows}
 
@@ -189,17 +245,10 @@ def arm(**settings: object) -> dict:
 
 
 def print_result(result: dict) -> None:
-    print(
-        f"{'arm':<12} {'GT mIoU':>8} {'agreement':>10}   (teacher GT mIoU {result['teacher_gt_miou']:.1f})"
-    )
-    for arm in ARMS:
-        print(f"{arm:<12} {result['gt_miou'][arm]:>8.1f} {result['agreement'][arm]:>10.1f}")
-    for new, base in COMPARISONS:
-        for metric, d in result[f"{new} - {base}"].items():
-            print(
-                f"{new} - {base}, {metric}: {d['mean']:+.2f} +- {d['se']:.2f} (paired over "
-                f"{d['n']} instances, standard error), improved {d['improved']:.0%}"
-            )
+    table = result["tables"]["fidelity"]
+    print(table["caption"])
+    for row in [table["header"], *table["rows"]]:
+        print(" | ".join(row))
 
 
 def main(argv: list[str] | None = None) -> int:
