@@ -154,3 +154,71 @@ def test_tile_option_is_windowed_or_global_attention_in_every_block(tile, window
     assert (got - want).abs().max() < 1e-5
     with pytest.raises(ValueError, match="dilation needs tile"):
         build_student("dfa_t", dilation=2)
+
+
+def _attention_flops(model: DFAEncoder, side: int, device: str = "meta") -> tuple[int, set[str]]:
+    """FLOPs of attention proper (QK^T and AV, not the qkv/proj linears) of one forward at
+    ``side`` px, and the ops that carried them, counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, side, side, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    linear_ops = {"aten.convolution", "aten.addmm", "aten.mm"}
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = {op: n for op, n in counts.items() if op not in linear_ops}
+    return sum(attention.values()), set(attention)
+
+
+def _pattern_flops(model: DFAEncoder, side: int) -> int:
+    """Attention FLOPs by the pattern arithmetic, for square grids that r divides.
+
+    A (w, r) pattern on a g x g grid cuts tiles of t = min(w, g); a head keeps the g^2 / r^2
+    queries at its offset, each attending the t^2 / r^2 keys at that offset in its tile, so
+    QK^T and AV cost 2 * 2 * d * (g^2 / r^2) * (t^2 / r^2) a head, 4 * C * N * t^2 / r^4 a
+    layer (C = heads * d, N = g^2 tokens).
+    """
+    g = side // model.patch_size
+    total = 0
+    for block in model.blocks:
+        if isinstance(block, DFABlock):
+            width = block.attn.num_heads * block.attn.head_dim
+            total += sum(4 * width * g**2 * min(w, g) ** 2 // r**4 for w, r in block.attn.patterns)
+    return total
+
+
+def test_dfa_attention_flops_grow_linearly_and_global_quadratically() -> None:
+    """DFA's near-linear cost, counted in FLOPs rather than timed (a shared machine's clock
+    says little). Meta tensors make 2048 px free to count; a real CPU run at 256 px goes
+    through the fused flash kernel and must count the same."""
+    sides = (256, 512, 1024, 2048)
+    with torch.device("meta"):
+        dfa = build_student("dfa_t", img_size=1024)
+        dense = build_student("dfa_t", img_size=1024, tile=128)  # global up to a 128 x 128 grid
+    tokens = {s: (s // 16) ** 2 for s in sides}
+    flops = {s: _attention_flops(dfa, s)[0] for s in sides}
+    dense_flops = {s: _attention_flops(dense, s)[0] for s in sides}
+    for side in sides:  # the counter sees exactly the arithmetic: dilation and tiling do act
+        assert flops[side] == _pattern_flops(dfa, side)
+        assert dense_flops[side] == _pattern_flops(dense, side)
+    # Per token, DFA costs 4 * C * sum(t^2 / r^4), bounded by the cap with t = w that every
+    # tile reaches once the grid holds it (64 x 64 at 1024 px for dfa_t's (64, 2) pattern):
+    # 704 * 4C a token against 320 * 4C at 256 px, so at most 2.2x across 64x the tokens,
+    # and exactly linear from 1024 px on.
+    cap = sum(
+        4 * b.attn.num_heads * b.attn.head_dim * w**2 // r**4
+        for b in dfa.blocks
+        if isinstance(b, DFABlock)
+        for w, r in b.attn.patterns
+    )
+    per_token = {s: flops[s] / tokens[s] for s in sides}
+    assert all(per_token[s] <= cap for s in sides)
+    assert per_token[1024] == per_token[2048] == cap
+    assert per_token[2048] / per_token[256] == pytest.approx(2.2)
+    # Global attention costs 4 * C * N a token: 4x the tokens, 16x the FLOPs, every step.
+    for small, large in zip(sides, sides[1:]):
+        assert dense_flops[large] == 16 * dense_flops[small]
+    assert dense_flops[2048] / dense_flops[256] == 4096
+    real, ops = _attention_flops(build_student("dfa_t", img_size=256), 256, device="cpu")
+    assert ops == {"aten._scaled_dot_product_flash_attention_for_cpu"}
+    assert real == flops[256]
