@@ -42,6 +42,16 @@ def tiny_ckpt(tmp_path_factory, tiny_sam) -> Path:
     return path
 
 
+def sam_mask_decoder_params() -> int:
+    """Parameters of SAM's mask decoder as `segment_anything`'s own builder (`build_sam.py`)
+    makes it, counted on the meta device (no weights are allocated)."""
+    from segment_anything import sam_model_registry
+
+    with torch.device("meta"):
+        sam = sam_model_registry["vit_b"]()
+    return sum(p.numel() for p in sam.mask_decoder.parameters())
+
+
 def killer_script(entry: str, kill_at: int) -> str:
     """`python -c` code that runs the entry script `entry` (e.g. "launch/distill.py") with the
     process's arguments and SIGKILLs itself right after log.csv got the row of step `kill_at`."""

@@ -18,6 +18,7 @@ from students import build_student
 from students.adapters import AdaptedEncoder, build_adapter, list_adapters
 from students.adapters.meta import tap_blocks
 from teachers.build import random_vit_tiny
+from tests.conftest import REPO, sam_mask_decoder_params
 
 SIDE = 256
 ENCODERS: dict[str, Callable[[], nn.Module]] = {
@@ -115,6 +116,17 @@ def test_num_trainable_matches_formula(method: str, kind: str) -> None:
     encoder_params = {id(p) for p in adapted.encoder.parameters()}
     if method in ("cad", "meta", "decoder"):  # nothing trainable inside the encoder
         assert not any(id(p) in encoder_params for p in adapted.trainable_parameters())
+
+
+def test_decoder_method_trains_sams_whole_mask_decoder_as_the_docs_say() -> None:
+    """students/README.md's figure for the decoder every method trains is the parameter count
+    of segment_anything's own MaskDecoder, and this project's SAM heads (the decoder of every
+    student.pt and adapted model) have that many."""
+    count = sam_mask_decoder_params()
+    readme = (REPO / "students" / "README.md").read_text()
+    assert f"trains the whole mask decoder ({count:,} parameters)" in " ".join(readme.split())
+    sam = random_vit_tiny(0)
+    assert sum(p.numel() for p in sam.mask_decoder.parameters()) == count
 
 
 def _saved_bytes(adapted: AdaptedEncoder, x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -10,13 +10,14 @@ import pytest
 from launch.bench.adapt import cad_choice, main, measure_config, summary_ratios, sweep_cad
 from students import build_student
 from teachers.build import random_vit_tiny
+from tests.conftest import sam_mask_decoder_params
 
 ENCODERS = {
     "dfa_t": lambda: build_student("dfa_t", img_size=256),
     "vit_tiny": lambda: random_vit_tiny(0).image_encoder,
 }
 CAD = {"width": 16, "input_size": 128}
-DECODER_PARAMS = 4_058_340  # SAM's mask decoder (segment_anything/modeling/mask_decoder.py)
+DECODER_PARAMS = sam_mask_decoder_params()  # SAM's mask decoder, from segment_anything's builder
 
 pytestmark = pytest.mark.slow  # child processes measuring real models
 
@@ -119,7 +120,12 @@ def test_entry_point_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureF
     result = json.loads(out.read_text())
     assert {"platform", "cpu_count", "torch", "date"} <= set(result["machine"])
     (row,) = result["rows"]
-    assert (row["encoder"], row["method"], row["num_trainable"]) == ("dfa_t", "decoder", 4_058_340)
+    assert (row["encoder"], row["method"], row["num_trainable"]) == (
+        "dfa_t",
+        "decoder",
+        DECODER_PARAMS,
+    )
     assert result["cad_sweep"]["points"][0]["width"] == 8
     printed = capsys.readouterr().out
-    assert "| dfa_t | decoder | 4,058,340 / 0 |" in printed and "CAD sweep on dfa_t" in printed
+    assert f"| dfa_t | decoder | {DECODER_PARAMS:,} / 0 |" in printed
+    assert "CAD sweep on dfa_t" in printed
