@@ -169,6 +169,7 @@ def measure(cfg: FidelityConfig) -> dict:
         | {k: v for k, v in asdict(cfg).items() if k not in ("work", "out")},
         "cache_bytes": cache_bytes,
         "teacher_gt_miou": sum(teacher_gt) / len(teacher_gt),
+        "pca_retained": pca_retained(work / "cache_full", cfg.tokens / 1024),
     }
     for m, by_arm in scores.items():
         result[f"{m}_by_seed"] = {a: [_mean(run) for run in runs] for a, runs in by_arm.items()}
@@ -184,6 +185,33 @@ def measure(cfg: FidelityConfig) -> dict:
             a: {m: common.paired(scores[m][a][0], scores[m][a][1]) for m in METRICS} for a in ARMS
         }
     return result | {"tables": {"fidelity": doc_table(result)}}
+
+
+def pca_retained(cache: Path, share: float, num_samples: int = 64) -> dict[str, float]:
+    """The alternative reduction, measured: the share of each tap's variance (over the tokens on
+    real pixels of the first `num_samples` samples) that its top principal components keep, as
+    many as `share` of the channels: the same bytes as keeping `share` of the tokens. Token
+    subsampling keeps the loss exact in expectation; a projection loses the rest for good."""
+    import torch
+
+    from teachers.cache_read import read_cache
+    from teachers.preprocess import valid_mask
+
+    tokens: dict[str, list] = {}
+    for i, sample in enumerate(read_cache(cache)):
+        if i == num_samples:
+            break
+        valid = valid_mask(tuple(sample.meta["input_hw"]), sample.meta["img_size"])
+        for name, x in sample.features.items():
+            if name != "embed":
+                tokens.setdefault(name, []).append(x[valid])
+    retained = {}
+    for name, parts in tokens.items():
+        x = torch.cat(parts).double()
+        eig = torch.linalg.eigvalsh(torch.cov(x.T)).flip(0)  # descending
+        r = max(1, round(share * x.shape[1]))
+        retained[name] = float(eig[:r].sum() / eig.sum())
+    return retained | {"channels_kept": r, "of": x.shape[1]}
 
 
 def _mean(scores: dict[int, float]) -> float:
@@ -234,7 +262,15 @@ def doc_table(result: dict) -> dict:
         f"{result['teacher_gt_miou']:.1f}). Arms: the mean over seeds (each seed's in brackets); "
         "differences: paired per instance on the scores averaged over seeds, with standard "
         "errors over instances (each seed's difference in brackets); the last rows show how far "
-        "two seeds of one arm differ."
+        "two seeds of one arm differ. The alternative at the same bytes, a fixed projection to "
+        f"the top {result['pca_retained']['channels_kept']} of "
+        f"{result['pca_retained']['of']} principal components, would keep "
+        + " and ".join(
+            f"{v:.0%} of {k}'s variance"
+            for k, v in result["pca_retained"].items()
+            if k.startswith("block")
+        )
+        + "."
     )
     return {"caption": caption, "header": ["student", "GT mIoU", "teacher agreement"], "rows": rows}
 

@@ -34,6 +34,10 @@ def test_every_arm_ran_at_the_stated_scale(bench):
     assert result["cache_bytes"]["reduced"] < result["cache_bytes"]["full"]
     manifest = json.loads((work / "cache_reduced" / "manifest.json").read_text())
     assert manifest["reduction"] == "tokens=32"
+    # the projection alternative at the same bytes (32 of 1,024 tokens): 4 of 128 channels
+    pca = result["pca_retained"]
+    assert (pca["channels_kept"], pca["of"]) == (4, 128)
+    assert all(0 < pca[tap] < 1 for tap in ("block2", "block5"))
 
 
 def _records(work, run):
