@@ -61,8 +61,8 @@ def log_of(work: Path, name: str, job_id: str) -> str:
     return path.read_text()
 
 
-def completed(slurm, work: Path, name: str, job_id: str, timeout: float = 240) -> str:
-    """Wait for the job; assert it succeeded; its log."""
+def completed(slurm, work: Path, name: str, job_id: str, timeout: float = 600) -> str:
+    """Wait for the job (the deadline only catches a hang); assert it succeeded; its log."""
     job = slurm.wait(job_id, timeout=timeout)
     log = log_of(work, name, job_id)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (
@@ -76,13 +76,14 @@ def logged_steps(run: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f)]
 
 
-def wait_for_checkpoint(slurm, run: Path, job_id: str, timeout: float = 180) -> None:
+def wait_until(slurm, job_id: str, what: str, check, timeout: float = 300) -> None:
+    """Poll `check` until it holds; the deadline only catches a job that never gets there."""
     deadline = time.monotonic() + timeout
-    while not (run / "checkpoints" / "latest").exists():
+    while not check():
         state = slurm.job(job_id)["JobState"]
-        assert state in ("PENDING", "RUNNING"), f"job {job_id} {state} before its first checkpoint"
-        assert time.monotonic() < deadline, f"no checkpoint in {run} after {timeout} s"
-        time.sleep(0.2)
+        assert state in ("PENDING", "RUNNING"), f"job {job_id} {state} before {what}"
+        assert time.monotonic() < deadline, f"job {job_id}: no {what} after {timeout} s"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -171,18 +172,93 @@ def test_eval_job_merges_the_parts_of_two_tasks(slurm, work, run):
     assert all(out.with_name(f"coco.json.rank{r}-of-2.jsonl").is_file() for r in range(2))
 
 
-def _long_run(work: Path, cache, name: str) -> tuple[Path, dict, list[str]]:
-    """A 60-step run with a checkpoint every 3 steps: (run folder, environment, arguments)."""
-    folder = work / name
+# --- save and leave on a signal: scancel, and USR1 (the time-limit warning) requeued ----------
+
+HELD = textwrap.dedent(
+    """
+    # PYTHON for the batch scripts: the entry point in argv[1], held at one point until its
+    # process has a stop request, so that a test signals it there and the job cannot run past
+    # it first: HOLD_AT_STEP=N holds distillation after step N's row of log.csv (rank 0 writes
+    # it; the other rank waits in the next step's collective), HOLD_AFTER=shard or sample holds
+    # each caching task after its first finished shard or its first written sample. Only a
+    # job's first run holds (a requeued run is not signalled again). A hold that sees no
+    # signal in HOLD_DEADLINE seconds lets go, so a lost signal fails a test instead of hanging
+    # it. The patches go in once the entry point listens for signals (its first lines, before
+    # torch loads), so that importing what they patch does not widen the start-up window in
+    # which a signal kills.
+    import os, runpy, sys, time
+    sys.path.insert(0, {repo!r})
+    import teachers.runtime.preempt
+    first_run = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+
+    def hold(request, where):
+        print("holding", where, "until a stop request", flush=True)
+        deadline = time.monotonic() + float(os.environ.get("HOLD_DEADLINE", "600"))
+        while not request.requested and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def hold_distill(request):
+        import distill.logs as logs
+        at = int(os.environ.get("HOLD_AT_STEP", "0"))
+        write_row = logs.StepLog.write
+        def write_row_then_hold(self, step, values):
+            write_row(self, step, values)
+            if step == at:
+                hold(request, "after step %d" % step)
+        logs.StepLog.write = write_row_then_hold
+
+    def hold_cache(request):
+        import teachers.cache as cache
+        where = os.environ.get("HOLD_AFTER", "")
+        write, finish = cache._ShardWriter.write, cache._ShardWriter.finish
+        held = []
+        def once(what):
+            if where == what and not held:
+                held.append(what)
+                hold(request, "after the first " + what)
+        def write_then_hold(self, sample):
+            write(self, sample)
+            once("sample")
+        def finish_then_hold(self):
+            finish(self)
+            once("shard")
+        cache._ShardWriter.write, cache._ShardWriter.finish = write_then_hold, finish_then_hold
+
+    listen = teachers.runtime.preempt.StopRequest.listen
+    def listen_then_hold(self):
+        listening = listen(self)
+        if first_run:
+            (hold_distill if sys.argv[0].endswith("distill.py") else hold_cache)(self)
+        return listening
+    teachers.runtime.preempt.StopRequest.listen = listen_then_hold
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+STOPPED = re.compile(r"rank 0: stopped at step (\d+) of (\d+)")
+REQUEUE_STEPS = 8  # the signal comes at step 3: nothing races it, so a short run does
+
+
+@pytest.fixture(scope="module")
+def held_python(work) -> str:
+    """An executable for PYTHON that runs the entry point through HELD."""
+    (work / "held.py").write_text(HELD.format(repo=str(REPO)))
+    wrapper = work / "python-held"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {work / "held.py"} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_cancelled_distill_job_resumes_when_resubmitted(slurm, work, cache, held_python):
+    """scancel while the job is held after step 4 (its step-3 checkpoint written), so the run
+    cannot end first; resubmitted, the same OUT resumes from the newest checkpoint."""
+    folder = work / "cancelled"
     env = dict(SHARDS=str(cache[0]), OUT=str(folder), STUDENT="dfa_t", TEACHER="vit_tiny")
-    env |= dict(STEPS="60", BATCH_SIZE="2")
-    return folder, env, [*DISTILL_ARGS, "--checkpoint-every", "3"]
-
-
-def test_cancelled_distill_job_resumes_when_resubmitted(slurm, work, cache):
-    folder, env, args = _long_run(work, cache, "cancelled")
-    first = submit(slurm, work, "distill.sbatch", env, ["--ntasks", "2"], args)
-    wait_for_checkpoint(slurm, folder, first)
+    env |= dict(STEPS="8", BATCH_SIZE="2")
+    args = [*DISTILL_ARGS, "--checkpoint-every", "3"]
+    held = env | dict(PYTHON=held_python, HOLD_AT_STEP="4")
+    first = submit(slurm, work, "distill.sbatch", held, ["--ntasks", "2"], args)
+    wait_until(slurm, first, "a checkpoint", (folder / "checkpoints" / "latest").exists)
     slurm.run("scancel", first)
     job = slurm.wait(first)
     assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), job  # cancelled stays so
@@ -194,83 +270,19 @@ def test_cancelled_distill_job_resumes_when_resubmitted(slurm, work, cache):
     found = RESUMED.search(log)
     assert found, log
     assert found[1] == str(folder) and int(found[2]) == int(found[3])
-    assert 0 < int(found[3]) < 60
-    assert logged_steps(folder) == list(range(1, 61))
-    assert read_export_meta(folder / "student.pt")["step"] == 60
+    # 3: the periodic checkpoint (if KillWait ran out before the stop's save), else the step
+    # the stop request was agreed on (4 or 5)
+    assert 3 <= int(found[3]) < 8
+    assert logged_steps(folder) == list(range(1, 9))
+    assert read_export_meta(folder / "student.pt")["step"] == 8
     assert "resumed from" not in log_of(work, "sam-distill", first)
-
-
-# --- save and leave on USR1 (the time-limit warning), requeued ---------------------------------
-
-SLOWER = textwrap.dedent(
-    """
-    # PYTHON for the batch scripts: the entry point in argv[1] with sleeps in it, so that a test
-    # signals it at a known point. Sleep lengths come from the job's environment. The patches go
-    # in once the entry point listens for signals (its first lines, before torch loads), so that
-    # importing what they patch does not widen the start-up window in which a signal kills.
-    import os, runpy, sys, time
-    sys.path.insert(0, {repo!r})
-    import teachers.runtime.preempt
-    sleep = lambda name: time.sleep(float(os.environ.get(name, "0")))
-
-    def slow_distill():
-        import distill.logs as logs
-        write_row = logs.StepLog.write
-        def write_row_slowly(self, step, values):
-            write_row(self, step, values)
-            sleep("SLEEP_AFTER_STEP")
-        logs.StepLog.write = write_row_slowly
-
-    def slow_cache():
-        import teachers.cache as cache
-        write, finish = cache._ShardWriter.write, cache._ShardWriter.finish
-        def write_slowly(self, sample):
-            write(self, sample)
-            print("wrote", sample["__key__"], "to", self.partial.name, flush=True)
-            sleep("SLEEP_AFTER_SAMPLE")
-        def finish_slowly(self):
-            finish(self)
-            sleep("SLEEP_AFTER_SHARD")
-        cache._ShardWriter.write, cache._ShardWriter.finish = write_slowly, finish_slowly
-
-    listen = teachers.runtime.preempt.StopRequest.listen
-    def listen_then_slow_down(self):
-        listening = listen(self)
-        (slow_distill if sys.argv[0].endswith("distill.py") else slow_cache)()
-        return listening
-    teachers.runtime.preempt.StopRequest.listen = listen_then_slow_down
-    sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    """
-)
-STOPPED = re.compile(r"rank 0: stopped at step (\d+) of (\d+)")
-REQUEUE_STEPS = 40
-
-
-@pytest.fixture(scope="module")
-def slow_python(work) -> str:
-    """An executable for PYTHON that runs the entry point through SLOWER."""
-    (work / "slower.py").write_text(SLOWER.format(repo=str(REPO)))
-    wrapper = work / "python-slower"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {work / "slower.py"} "$@"\n')
-    wrapper.chmod(0o755)
-    return str(wrapper)
-
-
-def wait_until(slurm, job_id: str, what: str, check, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        state = slurm.job(job_id)["JobState"]
-        assert state in ("PENDING", "RUNNING"), f"job {job_id} {state} before {what}"
-        assert time.monotonic() < deadline, f"job {job_id}: no {what} after {timeout} s"
-        time.sleep(0.1)
 
 
 def usr1_until_requeued(slurm, job_id: str) -> dict[str, str]:
     """Send USR1 to the batch shell, as `#SBATCH --signal=B:USR1@300` does before the time
     limit; the job should save, requeue itself and wait (PENDING) for its next run."""
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = slurm.wait(job_id, until=("PENDING", *FINISHED), timeout=120)
+    job = slurm.wait(job_id, until=("PENDING", *FINISHED), timeout=300)
     assert (job["JobState"], job["Restarts"]) == ("PENDING", "1"), job
     return job
 
@@ -292,10 +304,10 @@ def _distill_env(cache, folder: Path) -> dict[str, str]:
 REQUEUE_ARGS = [*DISTILL_ARGS, "--checkpoint-every", "1000"]
 
 
-def _stop_distill(slurm, work: Path, cache, slow_python: str) -> dict:
-    """Distillation with 2 tasks, a quarter second per step, sent USR1 after 3 steps."""
+def _stop_distill(slurm, work: Path, cache, held_python: str) -> dict:
+    """Distillation with 2 tasks, held after step 3 until USR1 comes."""
     folder = work / "requeued"
-    env = _distill_env(cache, folder) | dict(PYTHON=slow_python, SLEEP_AFTER_STEP="0.25")
+    env = _distill_env(cache, folder) | dict(PYTHON=held_python, HOLD_AT_STEP="3")
     job_id = submit(slurm, work, "distill.sbatch", env, ["--ntasks", "2"], REQUEUE_ARGS)
     log_csv = folder / "log.csv"
     rows = lambda: log_csv.read_text().count("\n") - 1 if log_csv.exists() else 0  # noqa: E731
@@ -317,13 +329,14 @@ def _cache_env(images: Path, folder: Path, **values: str) -> dict[str, str]:
 CACHE_OPTIONS = ["--ntasks", "2", "--cpus-per-task", "1"]
 
 
-def _stop_cache(slurm, work: Path, slow_python: str) -> dict:
-    """Caching with 2 tasks, 16 images in shards of 3 and batches of 2, half a second after each
-    finished shard, in which USR1 comes: each task then drops the shard its batch began."""
+def _stop_cache(slurm, work: Path, held_python: str) -> dict:
+    """Caching with 2 tasks, 16 images in shards of 3 and batches of 2, each task held after its
+    first finished shard; USR1 once a shard is there: each task then drops the shard its batch
+    began."""
     make_coco(work / "coco16", num_images=16, seed=1)
     folder = work / "cache-requeued"
     env = _cache_env(work / "coco16", folder, SAMPLES_PER_SHARD="3")
-    env |= dict(PYTHON=slow_python, SLEEP_AFTER_SHARD="0.5")
+    env |= dict(PYTHON=held_python, HOLD_AFTER="shard")
     job_id = submit(slurm, work, "cache_teacher.sbatch", env, CACHE_OPTIONS, ["--workers", "0"])
     wait_until(slurm, job_id, "a finished shard", lambda: any(folder.glob("shard-*.json")))
     usr1_until_requeued(slurm, job_id)
@@ -335,29 +348,32 @@ def _stop_cache(slurm, work: Path, slow_python: str) -> dict:
     )
 
 
-def _stop_cache_before_any_shard(slurm, work: Path, slow_python: str) -> dict:
-    """Caching in shards of 4, 2 s after each sample: USR1 once both tasks wrote one."""
+def _stop_cache_before_any_shard(slurm, work: Path, held_python: str) -> dict:
+    """Caching in shards of 4, each task held after its first sample: USR1 once both say so."""
     folder = work / "cache-none"
     env = _cache_env(work / "coco", folder, SAMPLES_PER_SHARD="4")
-    env |= dict(PYTHON=slow_python, SLEEP_AFTER_SAMPLE="2")
+    env |= dict(PYTHON=held_python, HOLD_AFTER="sample")
     job_id = submit(slurm, work, "cache_teacher.sbatch", env, CACHE_OPTIONS, ["--workers", "0"])
     log = work / "logs" / f"sam-cache-{job_id}.out"
-    wrote = lambda: log.exists() and log.read_text().count(".tar.partial") >= 2  # noqa: E731
-    wait_until(slurm, job_id, "a sample from each task", wrote)
+
+    def both_held() -> bool:
+        return log.exists() and log.read_text().count("holding after the first sample") == 2
+
+    wait_until(slurm, job_id, "both tasks held after a sample", both_held)
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    return dict(job_id=job_id, folder=folder, job=slurm.wait(job_id, timeout=120))
+    return dict(job_id=job_id, folder=folder, job=slurm.wait(job_id, timeout=300))
 
 
 @pytest.fixture(scope="module")
-def preempted(slurm, work, cache, slow_python) -> dict:
+def preempted(slurm, work, cache, held_python) -> dict:
     """The jobs stopped by USR1, submitted together so that SLURM's holds of the requeued ones
     (about two minutes: their launch credential's lifetime) overlap and the other jobs run
     meanwhile. Releasing a requeued job early races slurmd, which refuses to relaunch a job id
     it has just killed ("already killed, do not launch batch job"), so the tests wait it out.
     "reference" is the uninterrupted distillation, through the same script."""
-    jobs = dict(distill=_stop_distill(slurm, work, cache, slow_python))
-    jobs["cache"] = _stop_cache(slurm, work, slow_python)
-    jobs["cache_none"] = _stop_cache_before_any_shard(slurm, work, slow_python)
+    jobs = dict(distill=_stop_distill(slurm, work, cache, held_python))
+    jobs["cache"] = _stop_cache(slurm, work, held_python)
+    jobs["cache_none"] = _stop_cache_before_any_shard(slurm, work, held_python)
     folder = work / "straight"
     env = _distill_env(cache, folder)
     job_id = submit(slurm, work, "distill.sbatch", env, ["--ntasks", "2"], REQUEUE_ARGS)
@@ -376,13 +392,14 @@ def test_requeued_distill_job_resumes_and_ends_with_the_uninterrupted_weights(
     found = STOPPED.search(first["log"])
     assert found and int(found[2]) == REQUEUE_STEPS, first["log"]
     stopped = int(found[1])
-    assert 3 <= stopped < REQUEUE_STEPS
+    # Held after step 3 until the signal, rank 0's request rides on step 4's collective.
+    assert stopped == 4
     assert first["latest"] == f"step{stopped:08d}"  # the only checkpoint: the signal's
     assert first["steps"] == list(range(1, stopped + 1))
     assert "USR1 received: asking the tasks to save and stop" in first["log"]
     assert f"requeueing job {job_id}" in first["log"]
 
-    log = completed(slurm, work, "sam-distill", job_id, timeout=420)
+    log = completed(slurm, work, "sam-distill", job_id, timeout=900)
     assert f"job {job_id} (restart 0)" in log and f"job {job_id} (restart 1)" in log, log
     found = RESUMED.search(log)
     assert found and found[1] == str(folder), log
@@ -391,7 +408,7 @@ def test_requeued_distill_job_resumes_and_ends_with_the_uninterrupted_weights(
     assert read_export_meta(folder / "student.pt")["step"] == REQUEUE_STEPS
 
     reference = preempted["reference"]
-    plain = completed(slurm, work, "sam-distill", reference["job_id"], timeout=420)
+    plain = completed(slurm, work, "sam-distill", reference["job_id"], timeout=900)
     assert "resumed from" not in plain and "stopped at step" not in plain
     a = load_sam(folder / "student.pt").image_encoder.state_dict()
     b = load_sam(reference["folder"] / "student.pt").image_encoder.state_dict()
@@ -407,7 +424,7 @@ def test_requeued_cache_job_completes_with_each_input_once(slurm, work, preempte
     assert f"requeueing job {job_id}" in first["log"]
     assert 1 <= len(first["manifest"]["shards"]) < 6 and not first["manifest"]["complete"]
 
-    log = completed(slurm, work, "sam-cache", job_id, timeout=420)
+    log = completed(slurm, work, "sam-cache", job_id, timeout=900)
     assert f"job {job_id} (restart 1)" in log, log
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_shards"] == 6 and manifest["num_samples"] == 16
@@ -435,7 +452,7 @@ def test_job_outside_the_repository_fails_with_a_message(slurm, work):
     env = job_env(SHARDS="x", OUT="y")
     env["SAM_DISTILL_ROOT"] = str(work)  # not a checkout
     job_id = slurm.sbatch(SLURM_DIR / "distill.sbatch", env=env, cwd=work)
-    job = slurm.wait(job_id, timeout=60)
+    job = slurm.wait(job_id, timeout=300)
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0")
     assert "submit from the sam-distill repository or set SAM_DISTILL_ROOT" in log_of(
         work, "sam-distill", job_id
