@@ -305,6 +305,55 @@ SIGNALLER = textwrap.dedent(
 )
 
 
+HOLDER = textwrap.dedent(
+    """
+    # launch/distill.py held after step {hold_at}'s row of log.csv until the process has a stop
+    # request, so the test's signal lands there and the run cannot end first (the deadline
+    # only lets a lost signal fail the test instead of hanging it).
+    import os, runpy, sys, time
+    sys.path.insert(0, {repo!r})
+    import distill.logs
+    import teachers.runtime.preempt as preempt
+    listen, write = preempt.StopRequest.listen, distill.logs.StepLog.write
+    requests = []
+    def listen_and_keep(self):
+        requests.append(self)
+        return listen(self)
+    def write_then_hold(self, step, values):
+        write(self, step, values)
+        deadline = time.monotonic() + 300
+        while step == {hold_at} and not requests[0].requested and time.monotonic() < deadline:
+            time.sleep(0.02)
+    preempt.StopRequest.listen = listen_and_keep
+    distill.logs.StepLog.write = write_then_hold
+    sys.argv = ["launch/distill.py", *sys.argv[1:]]
+    runpy.run_path("launch/distill.py", run_name="__main__")
+    """
+)
+
+
+def _held(args: list[str], hold_at: int) -> subprocess.Popen:
+    """launch/distill.py with `args`, held after step `hold_at` until it is signalled."""
+    script = HOLDER.format(repo=str(REPO), hold_at=hold_at)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        env=unplaced_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_rows(proc: subprocess.Popen, out: Path, rows: int) -> None:
+    deadline = time.monotonic() + 300  # only a hang stops here
+    while not ((out / "log.csv").exists() and len(_log(out)) >= rows):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("".join(proc.communicate(timeout=60))[-3000:])
+        time.sleep(0.05)
+
+
 def _weights(out):
     return load_sam(out / "student.pt").image_encoder.state_dict()
 
@@ -320,23 +369,18 @@ def test_sigusr1_saves_at_that_step_exits_75_and_resume_ends_like_an_uninterrupt
     cache, tmp_path
 ):
     """One process with 2 loader workers (which ignore the signal and must still end with the
-    process), the signal sent from outside once training is under way."""
-    args = ["--shards", str(cache), "--steps", "40", "--batch-size", "2", *BASE, "--workers", "2"]
+    process), the signal sent from outside while the run is held after step 3: the request is
+    seen at the end of step 4."""
+    args = ["--shards", str(cache), "--steps", "8", "--batch-size", "2", *BASE, "--workers", "2"]
     args += ["--checkpoint-every", "1000"]  # any checkpoint before the end comes from the signal
     out = tmp_path / "stopped"
-    cmd = [sys.executable, "launch/distill.py", *args, "--out", str(out)]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=unplaced_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 300  # only a hang stops here
-    while not ((out / "log.csv").exists() and len(_log(out)) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=60)
-        time.sleep(0.05)
+    proc = _held([*args, "--out", str(out)], hold_at=3)
+    _wait_for_rows(proc, out, 3)
     proc.send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=300)  # a generous deadline: a hang, not a clock
     assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
-    stopped = int(re.search(r"stopped at step (\d+) of 40 on SIGUSR1", stderr)[1])
-    assert 3 <= stopped < 40
+    stopped = int(re.search(r"stopped at step (\d+) of 8 on SIGUSR1", stderr)[1])
+    assert stopped == 4
     assert (out / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
     assert [int(r["step"]) for r in _log(out)] == list(range(1, stopped + 1))
     assert not (out / "student.pt").exists()
@@ -460,29 +504,15 @@ def test_phase_two_counts_images_without_annotations_and_trains_on_the_rest(phas
 
 
 def test_ctrl_c_saves_and_leaves_like_sigterm_without_a_traceback(cache, tmp_path):
-    args = ["--shards", str(cache), "--steps", "40", "--batch-size", "2", *BASE]
+    args = ["--shards", str(cache), "--steps", "6", "--batch-size", "2", *BASE]
     out = tmp_path / "interrupted"
-    cmd = [
-        sys.executable,
-        "launch/distill.py",
-        *args,
-        "--checkpoint-every",
-        "1000",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=unplaced_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 300  # only a hang stops here
-    while not ((out / "log.csv").exists() and len(_log(out)) >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    proc = _held([*args, "--checkpoint-every", "1000", "--out", str(out)], hold_at=2)
+    _wait_for_rows(proc, out, 2)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=300)  # a generous deadline: a hang, not a clock
     assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
-    stopped = int(re.search(r"stopped at step (\d+) of 40 on SIGINT", stderr)[1])
-    assert (out / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+    assert "stopped at step 3 of 6 on SIGINT" in stderr, stderr[-2000:]
+    assert (out / "checkpoints" / "latest").read_text() == "step00000003"
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
 
 
