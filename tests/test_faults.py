@@ -294,7 +294,7 @@ def _tmpfs(path: Path, size: str, *options: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         opts = ",".join([f"size={size}", *options])
         cmd = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
         if done.returncode != 0:
             reason = f"cannot mount a tmpfs at {path}: {done.stderr.strip()}"
     if reason is not None:  # in the warnings summary too, not only under -rs
@@ -315,7 +315,7 @@ def tmpfs(tmp_path):
 
     yield mount
     for point in reversed(points):
-        subprocess.run(["umount", "-l", str(point)], check=False)
+        subprocess.run(["umount", "-l", str(point)], check=False, timeout=60)
 
 
 # -- item 5: a full disk is one line, leaves no temporary file, and --resume auto finishes ----
@@ -489,7 +489,7 @@ def test_a_full_disk_stops_the_cache_in_one_line_and_a_rerun_finishes(twelve_ima
     assert err == f"error: {out}/shard-000000.tar.partial: No space left on device"
     assert "Exception ignored" not in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # nothing holds the space
-    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True, timeout=60)
     assert cache_main(_cache_argv(twelve_images, out)) == 0
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 12
     assert verify_cache(out).ok
