@@ -5,7 +5,9 @@
   against token count (`python eval/speed.py` forwards here);
 * `cache_codecs.py`: the teacher-cache codecs at real SAM shapes (bytes, throughput, error);
 * `distill_throughput.py`: distillation from the cache against an online teacher;
-* `phase2_cost.py`: a phase-2 step against a phase-1 step; `phase2_gain.py`: what phase 2 gains;
+* `claims.py`: SAM-Lightening's and EdgeSAM's claims (distillation, DLD, attention, phase 2,
+  int8 and pruning) measured against the reference teacher, paired per held-out instance;
+* `phase2_cost.py`: a phase-2 step against a phase-1 step;
 * `eval_runner.py`: the evaluation runner against a plain `SamPredictor` loop;
 * `adapt.py`: training memory and speed of every adapter method; `meta.py`: META's MEA block
   against a ViT block;

@@ -17,7 +17,9 @@ Arms (the questions of the plot's panels):
 
 - distill: the distilled student (progressive DLD) against the undistilled one (the same `dfa_t`,
   initial weights, the teacher's decoder), the teacher and the box-fill baseline; the share of the
-  teacher's GT mIoU the student keeps.
+  teacher's GT mIoU the student keeps; and the same run with the next seed, the noise floor of
+  every comparison (the paired standard error counts the held-out instances, not the training
+  run's own spread).
 - dld: progressive, stepwise, uniform and final_only layer weights (`--dld`).
 - attention: DFA against windowed-only (`tile=8`) and global attention (`tile=64`) in every block
   of the same width, depth and MLP; plus CPU latency at 1024 px of the three, timed in turns.
@@ -121,7 +123,12 @@ def call(script: str, args: list[str], log: Path) -> None:
     import contextlib
 
     if script == "launch/distill.py":
-        from launch.distill import main as entry
+        from distill.config import DistillConfig
+        from distill.jobs import job_parser, run_job
+        from distill.train import train
+
+        def entry(argv):
+            return run_job(job_parser("", DistillConfig), DistillConfig, train, argv, None)
     else:
         from eval.cli import main as coco
 
@@ -177,6 +184,8 @@ def distill(cfg: ClaimsConfig, work: Path, name: str, steps: int, extra: list[st
         args += ["--batch-size", str(cfg.sizes["batch_size"]), "--seed", str(cfg.seed)]
         args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
         args += ["--log-every", "25", "--checkpoint-every", str(steps), *extra]
+        # a run stopped part-way (a signal saves a checkpoint) continues where it stopped
+        args += ["--resume", "auto"] if (run / "checkpoints").exists() else []
         call("launch/distill.py", args, run.with_suffix(".log"))
     return student
 
@@ -266,6 +275,7 @@ def undistilled(cfg: ClaimsConfig, work: Path) -> Path:
 def arm_distill(cfg: ClaimsConfig, work: Path) -> dict:
     student = scores(work, "progressive", phase1(cfg, work, "progressive"), teacher=True)
     none = scores(work, "undistilled", undistilled(cfg, work))["gt"]
+    reseeded = phase1(cfg, work, "reseeded", "--seed", str(cfg.seed + 1))
     gt, teacher, fill = student["gt"], student["teacher"], student["box_fill"]
     return {
         "miou": {
@@ -279,6 +289,8 @@ def arm_distill(cfg: ClaimsConfig, work: Path) -> dict:
         "student - undistilled": compare(none, gt),
         "student - teacher": compare(teacher, gt),
         "student - box fill": compare(fill, gt),
+        # the noise floor of every other comparison: the same run with another seed
+        "student, next seed - student": compare(gt, scores(work, "reseeded", reseeded)["gt"]),
         "latency_ms_512": teacher_latency(cfg, work),
     }
 

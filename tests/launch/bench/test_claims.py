@@ -46,7 +46,7 @@ def test_every_arm_and_its_comparisons_are_in_the_results(bench):
     assert set(result["attention"]["latency_ms_1024"]) == {"dfa", "windowed", "global"}
     assert len(result["phase2"]) == 4 and len(result["deploy"]) == 5
     rows = result["tables"]["claims"]["rows"]
-    assert len(rows) == 3 + 3 + 2 + 4 + 5 and all(len(r) == 7 for r in rows)
+    assert len(rows) == 4 + 3 + 2 + 4 + 5 and all(len(r) == 7 for r in rows)
     assert "keeps" in result["tables"]["headline"] and result["plot"].endswith(".png")
 
 
