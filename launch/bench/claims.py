@@ -74,13 +74,13 @@ class ClaimsConfig:
     """Arms to run (distill always runs: the others start from or compare with it)."""
     quick: bool = False
     """The test's budget: a few scenes and steps (overrides the sizes below)."""
-    train_images: int = 192
+    train_images: int = 128
     """Training scenes cached for every arm."""
     held_images: int = 40
     """Held-out scenes scored (all their instances)."""
-    steps: int = 200
+    steps: int = 150
     """Distillation steps of every phase-1 arm."""
-    extra_steps: int = 50
+    extra_steps: int = 40
     """Steps of each continuation from the distilled student (phase 2, more phase 1,
     re-distillation of a pruned student)."""
     batch_size: int = 8
