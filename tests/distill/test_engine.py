@@ -230,8 +230,8 @@ def test_the_cache_manifest_supplies_the_teacher_facts(cache, tmp_path, capsys):
     assert (cfg.teacher, cfg.teacher_taps, cfg.img_size, cfg.codec) == (None, None, None, None)
     train(cfg)
     out = capsys.readouterr().out
-    assert "teacher vit_tiny, taps [1, 3], img_size 256, codec fp16" in out
-    assert "(teacher, taps, img_size, codec from its manifest)" in out
+    assert "teacher vit_tiny, taps [1, 3], img_size 256, codec fp16, reduction none" in out
+    assert "(teacher, taps, img_size, codec, reduction from its manifest)" in out
     assert load_sam(tmp_path / "run" / "student.pt").image_encoder.img_size == 256
     with pytest.raises(ValueError, match="img_size: cache has 256, expected 1024"):
         train(distill_cfg(cache, tmp_path / "bad", img_size=1024))
