@@ -518,21 +518,8 @@ def print_result(result: dict) -> None:
             f"teacher {m['teacher']:.1f}, box fill {m['box_fill']:.1f}; the student keeps "
             f"{d['share_of_teacher']:.0%} of the teacher's, agreement {d['agreement']:.1f}"
         )
-    common.print_table(
-        ["arm", "comparison", "base mIoU", "new mIoU", "difference", "n", "improved"],
-        (
-            [
-                arm,
-                key,
-                f"{v['base_miou']:.1f}",
-                f"{v['new_miou']:.1f}",
-                f"{v['mean']:+.2f} +- {v['se']:.2f}",
-                v["n"],
-                f"{v['improved']:.0%}",
-            ]
-            for arm, key, v in comparisons(result)
-        ),
-    )
+    table = doc_table(result)
+    common.print_table(table["header"], table["rows"])
     if "attention" in result:
         ms = result["attention"]["latency_ms_1024"]
         print("CPU latency at 1024 px: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items()))

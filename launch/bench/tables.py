@@ -390,6 +390,17 @@ def stored_table(name: str, key: str) -> Callable[[], str]:
     return render
 
 
+def claims_headline() -> str:
+    """The README's sentence on what the distilled student keeps, from the claims benchmark."""
+    data = load_results("claims")
+    text = data["tables"]["headline"]
+    date = data["date"].split(" ")[0]
+    return (
+        f"**{text[0].upper()}{text[1:]}** ({machine_line(data['machine'])}, {date}; "
+        "`launch/bench/results/claims.json`).\n"
+    )
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "students": students_table,
     "adapters": adapters_table,
@@ -406,6 +417,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "cache_io": stored_table("cache_io", "loader"),
     "storage_feed": stored_table("cache_io", "storage"),
     "cache_fidelity": stored_table("cache_fidelity", "fidelity"),
+    "claims": stored_table("claims", "claims"),
+    "claims_headline": claims_headline,
 }
 # The results file (launch/bench/results/NAME.json) behind each measured table.
 MEASURED = {
@@ -420,6 +433,8 @@ MEASURED = {
     "cache_io": "cache_io",
     "storage_feed": "cache_io",
     "cache_fidelity": "cache_fidelity",
+    "claims": "claims",
+    "claims_headline": "claims",
 }
 
 
