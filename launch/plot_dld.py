@@ -1,6 +1,6 @@
 """Plot every DLD mode's weights over a run for a teacher's default taps (the README's figure).
 
-    python launch/plot_dld.py [--teacher vit_h] [--floor 0.2] [--out distill/dld_weights.png]
+python launch/plot_dld.py [--teacher vit_h] [--floor 0.2] [--out distill/dld_weights.png]
 """
 
 import sys

@@ -63,7 +63,16 @@ def score(cfg: ReferenceTeacherConfig, root: Path, name: str, *flags: str) -> di
     """One eval/coco.py run on `root`; its summary."""
     out = Path(cfg.work) / f"{name}.json"
     if not out.exists():
-        args = ["--ckpt", str(REPO / cfg.ckpt), "--coco-root", str(root), "--device", "cpu", "--out", str(out)]
+        args = [
+            "--ckpt",
+            str(REPO / cfg.ckpt),
+            "--coco-root",
+            str(root),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
         run_script("eval/coco.py", *args, "--no-progress", *flags, log=out.with_suffix(".log"))
     return json.loads(out.read_text())
 

@@ -102,7 +102,9 @@ def base_path_of(payload: dict, source: str, base: str | Path | None = None) -> 
         raise ValueError(
             f"{source}: adapted format version {payload.get('format_version')} is not {FORMAT_VERSION}"
         )
-    missing = [k for k in ("base", "state_dict", "method", "adapter_kwargs", "merged") if k not in payload]
+    missing = [
+        k for k in ("base", "state_dict", "method", "adapter_kwargs", "merged") if k not in payload
+    ]
     if missing:
         raise ValueError(f"{source}: malformed adapted export (no {missing[0]!r})")
     record = payload["base"]
