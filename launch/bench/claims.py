@@ -442,33 +442,10 @@ def comparisons(result: dict) -> list[tuple[str, str, dict]]:
 
 def plot(result: dict, path: Path) -> Path:
     """Bars with error bars (paired mean difference +- standard error), one panel per arm."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    arms = [a for a in ARMS if a in result]
     rows = comparisons(result)
-    fig = Figure(figsize=(7.5, 1.0 + 0.42 * len(rows) + 0.5 * len(arms)))
-    FigureCanvasAgg(fig)
-    heights = [max(1, sum(r[0] == a for r in rows)) for a in arms]
-    axes = fig.subplots(len(arms), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
-    for ax, arm in zip(axes[:, 0], arms, strict=True):
-        mine = [(k, v) for a, k, v in rows if a == arm]
-        ys = range(len(mine))
-        ax.barh(
-            ys,
-            [v["mean"] for _, v in mine],
-            xerr=[v["se"] for _, v in mine],
-            capsize=3,
-            color=["tab:green" if v["mean"] > 0 else "tab:red" for _, v in mine],
-        )
-        ax.set_yticks(list(ys), [k for k, _ in mine], fontsize=8)
-        ax.axvline(0, color="black", lw=0.8)
-        ax.invert_yaxis()
-        ax.set_title(arm, fontsize=9, loc="left")
-    axes[-1, 0].set_xlabel("held-out GT mIoU difference, points (paired mean +- standard error)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    panels = {a: [(k, v) for arm, k, v in rows if arm == a] for a in ARMS if a in result}
+    label = "held-out GT mIoU difference, points (paired mean +- standard error)"
+    return common.paired_bars(panels, path, label)
 
 
 def doc_table(result: dict) -> dict:

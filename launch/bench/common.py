@@ -285,6 +285,32 @@ def paired(base: dict[int, float], new: dict[int, float]) -> dict[str, float]:
     }
 
 
+def paired_bars(panels: dict[str, list[tuple[str, dict]]], path: Path, xlabel: str) -> Path:
+    """A PNG of paired comparisons: per panel (its title), one horizontal bar per (label,
+    `paired` figures): the mean difference with its standard error, green above zero."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sum(len(v) for v in panels.values())
+    fig = Figure(figsize=(7.5, 1.0 + 0.42 * rows + 0.5 * len(panels)))
+    FigureCanvasAgg(fig)
+    heights = [max(1, len(v)) for v in panels.values()]
+    axes = fig.subplots(len(panels), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (title, bars) in zip(axes[:, 0], panels.items(), strict=True):
+        means = [v["mean"] for _, v in bars]
+        ys = range(len(bars))
+        colors = ["tab:green" if m > 0 else "tab:red" for m in means]
+        ax.barh(ys, means, xerr=[v["se"] for _, v in bars], capsize=3, color=colors)
+        ax.set_yticks(list(ys), [k for k, _ in bars], fontsize=8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 # --- results ---------------------------------------------------------------------------------
 
 
