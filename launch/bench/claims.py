@@ -317,14 +317,15 @@ def arm_dld(cfg: ClaimsConfig, work: Path) -> dict:
 
 def latencies(cfg: ClaimsConfig) -> dict[str, float]:
     """CPU ms per 1024 px image of the three attention forms, timed in turns."""
+    from distill.config import parse_number_options
     from students import build_student
 
-    modules = {}
-    for name, options in ATTENTION.items():
-        kwargs = dict(o.split("=") for o in options.split(",") if o)
-        modules[name] = build_student(
-            STUDENT, img_size=1024, **{k: int(v) for k, v in kwargs.items()}
+    modules = {
+        name: build_student(
+            STUDENT, img_size=1024, **parse_number_options(options, "--student-options", "tile=8")
         )
+        for name, options in ATTENTION.items()
+    }
     x = torch.randn(1, 3, 1024, 1024)
     return common.latency_ms(modules, x, cfg.sizes["repeats"])
 
