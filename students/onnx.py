@@ -79,6 +79,28 @@ def export_onnx(encoder: nn.Module, path: str | Path, batch: int = 1, opset: int
     return path
 
 
+class OrtEncoder(nn.Module):
+    """An encoder ONNX file (fp32 or int8) run by onnxruntime on CPU behind the interface
+    `SamPredictor` and the evaluation use: `img_size` and `forward(images [B, 3, S, S]) ->
+    embeddings [B, 256, S/16, S/16]`. Put in place of `sam.image_encoder`, it scores the file a
+    user deploys with the project's own evaluation. `threads` 0: onnxruntime's default; idle
+    threads do not spin (they would slow whatever runs between calls)."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.img_size = int(self.session.get_inputs()[0].shape[-1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().float().cpu().numpy()
+        return torch.from_numpy(self.session.run(None, {"image": x})[0]).to(images.device)
+
+
 def check_onnx(encoder: nn.Module, path: str | Path, images: torch.Tensor) -> float:
     """Max absolute difference between onnxruntime and PyTorch on `images` [B, 3, S, S]."""
     import onnxruntime as ort

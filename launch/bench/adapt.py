@@ -114,66 +114,16 @@ def make_batch(img_size: int, device: str) -> dict[str, Tensor]:
     }
 
 
-class SavedTensors:
-    """Context: bytes of the unique storages autograd saves for backward during `model`'s forward,
-    parameters and buffers excluded, by where they were saved: `encoder` (the frozen encoder and
-    adapters inside it), `branch` (adapter parts outside it: CAD's CNN, META's side network),
-    `decoder` (the rest)."""
-
-    def __init__(self, model: PromptedSam) -> None:
-        tensors = itertools.chain(model.parameters(), model.buffers())
-        self.exclude = {t.untyped_storage().data_ptr() for t in tensors}
-        self.seen: dict[int, tuple[str, int]] = {}
-        self.where = ["decoder"]
-        adapted = model.sam.image_encoder
-        base = getattr(adapted, "encoder", adapted)
-        self.regions = [(adapted, "branch"), (base, "encoder")]
-        self.handles: list = []
-
-    def pack(self, t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.exclude and ptr not in self.seen:
-            self.seen[ptr] = (self.where[-1], storage.nbytes())
-        return t
-
-    def _leave_region(self, *_: object) -> None:  # returns None: a value would replace the output
-        self.where.pop()
-
-    def __enter__(self) -> "SavedTensors":
-        for module, name in self.regions:
-            enter = module.register_forward_pre_hook(lambda *_, n=name: self.where.append(n))
-            self.handles.append(enter)
-            self.handles.append(module.register_forward_hook(self._leave_region))
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.hooks.__exit__(*exc)
-        for handle in self.handles:
-            handle.remove()
-
-    def bytes(self) -> dict[str, int]:
-        """`saved_bytes` (all) and `saved_bytes_{encoder,branch,decoder}`."""
-        out = {f"saved_bytes_{r}": 0 for r in ("encoder", "branch", "decoder")}
-        for region, nbytes in self.seen.values():
-            out[f"saved_bytes_{region}"] += nbytes
-        return {"saved_bytes": sum(out.values()), **out}
-
-
 def saved_bytes(model: PromptedSam, batch: dict[str, Tensor]) -> dict[str, int]:
     """Saved-for-backward bytes of one training forward (no backward: the sweep's measurement)."""
-    with SavedTensors(model) as saved:
-        model(batch["images"], batch["boxes"])
-    return saved.bytes()
+    return common.saved_bytes(model, batch["images"], batch["boxes"])
 
 
 def train_step(
     model: PromptedSam,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, Tensor],
-    saved: SavedTensors | None = None,
+    saved: common.SavedTensors | None = None,
 ) -> None:
     """Forward (recorded by `saved`), `distill.adapt.AdaptLoss`'s loss, backward, AdamW step."""
     with saved if saved is not None else contextlib.nullcontext():
@@ -196,7 +146,7 @@ def measure_config(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=1e-4)  # AdaptConfig's
     batch = make_batch(model.img_size, device)
-    saved = SavedTensors(model)
+    saved = common.SavedTensors(model)
     tic = time.perf_counter()
     with common.PeakMemory(device) as peak:
         train_step(model, optimizer, batch, saved)

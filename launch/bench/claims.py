@@ -2,7 +2,7 @@ r"""SAM-Lightening's claims (and EdgeSAM's phase 2), measured against the refere
 benchmark, every arm at equal data, steps and seed, paired per held-out instance.
 
     python launch/bench/claims.py [--work runs/claims] [--quick] \
-        [--arms distill,dld,attention,phase2,deploy] [--out launch/bench/results/claims.json]
+        [--arms distill,dld,attention,phase2,deploy,adapters] [--out launch/bench/results/claims.json]
 
 The teacher is the shipped `sam_mini` (teachers/sam_mini.py). Training scenes are
 `eval.scenes.photos`' train split (seed 1), held-out scenes its held split (seed 2: photographs the
@@ -25,9 +25,16 @@ Arms (the questions of the plot's panels):
   of the same width, depth and MLP; plus CPU latency at 1024 px of the three, timed in turns.
 - phase2: from the distilled student, `--extra-steps` of phase 2 (`--mask-target soft` and `hard`)
   against as many more phase-1 steps (final embedding, `--init`), single-mask and multimask.
-- deploy: dynamic int8 (`torch.ao`, the Linear layers) and heads/MLP pruning at half
-  (`students.prune`, activation criterion on training scenes), before and after `--extra-steps` of
-  re-distillation: the change in GT mIoU against the fp32 student.
+- deploy: int8 through PyTorch (`torch.ao` dynamic, the Linear layers) and through onnxruntime
+  (the encoder ONNX quantized dynamic and static, `students.quant`, scored through
+  `students.onnx.OrtEncoder`), and heads/MLP pruning at half (`students.prune`, activation
+  criterion on training scenes), before and after `--extra-steps` of re-distillation: the change
+  in GT mIoU against the fp32 student.
+- adapters: every registered adapter method (`students.adapters`) trained `--extra-steps` from the
+  distilled student on a camouflage domain (held-out photographs, each object cut from its own
+  background) and scored by eval/masks.py on its val split: the gain over the un-adapted student
+  and over `decoder` (the mask decoder alone), with trainable parameters, saved-activation bytes
+  and encoder latency against the student's.
 
 Stages done under `--work` are reused; `--work` records the setup (work/setup.json), and a run
 with another setup there is refused, naming what differs. --quick: a few scenes and steps (the
@@ -53,7 +60,7 @@ from teachers.runtime.files import write_text_atomic  # noqa: E402
 from teachers.runtime.flags import parse_config  # noqa: E402
 from teachers.sam_mini import SAM_MINI_PATH  # noqa: E402
 
-ARMS = ("distill", "dld", "attention", "phase2", "deploy")
+ARMS = ("distill", "dld", "attention", "phase2", "deploy", "adapters")
 CODEC = "embed=fp16,blocks=int8"
 TRAIN_SEED, HELD_SEED = 1, 2
 STUDENT = "dfa_t"
@@ -116,50 +123,6 @@ class ClaimsConfig:
 # --- stages ----------------------------------------------------------------------------------
 
 
-def call(script: str, args: list[str], log: Path) -> None:
-    """Run `launch/distill.py` or `eval/coco.py` with `args` in this process (torch and the
-    teacher's code load once for the few dozen runs), its output in `log`; on failure, raise
-    with the log's tail."""
-    import contextlib
-
-    if script == "launch/distill.py":
-        from distill.config import DistillConfig
-        from distill.jobs import job_parser, run_job
-        from distill.train import train
-
-        def entry(argv):
-            return run_job(job_parser("", DistillConfig), DistillConfig, train, argv, None)
-    else:
-        from eval.cli import main as coco
-
-        def entry(argv):
-            return coco("coco", argv)
-
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        code = entry(args)
-    if code:
-        tail = log.read_text().splitlines()[-20:]
-        raise RuntimeError(f"{script} failed ({code}), log {log}:\n" + "\n".join(tail))
-
-
-def check_setup(cfg: ClaimsConfig, work: Path) -> None:
-    """Record the setup under `work`, or refuse a folder made with another one."""
-    path, setup = work / "setup.json", cfg.setup()
-    if path.exists():
-        old = json.loads(path.read_text())
-        differs = sorted(k for k in setup.keys() | old.keys() if old.get(k) != setup.get(k))
-        if differs:
-            raise ValueError(
-                f"--work {work} holds a run made with another setup ({', '.join(differs)}: "
-                f"{[old.get(k) for k in differs]} there, {[setup.get(k) for k in differs]} now); "
-                "give another --work or remove it"
-            )
-        return
-    work.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(setup, indent=1))
-
-
 def make_data(cfg: ClaimsConfig, work: Path) -> None:
     """Training and held-out scenes, and the teacher's cache of the training scenes."""
     from eval.scenes.photos import make_photo_coco
@@ -186,7 +149,7 @@ def distill(cfg: ClaimsConfig, work: Path, name: str, steps: int, extra: list[st
         args += ["--log-every", "25", "--checkpoint-every", str(steps), *extra]
         # a run stopped part-way (a signal saves a checkpoint) continues where it stopped
         args += ["--resume", "auto"] if (run / "checkpoints").exists() else []
-        call("launch/distill.py", args, run.with_suffix(".log"))
+        common.run_entry("launch/distill.py", args, run.with_suffix(".log"))
     return student
 
 
@@ -205,7 +168,7 @@ def scores(work: Path, name: str, ckpt: Path, protocol: str = "multimask", teach
         args += ["--out", str(report), "--no-progress", *PROTOCOLS[protocol]]
         args += ["--compare-ckpt", str(SAM_MINI_PATH), "--baseline", "box"] if teacher else []
         report.parent.mkdir(parents=True, exist_ok=True)
-        call("eval/coco.py", args, report.with_suffix(".log"))
+        common.run_entry("eval/coco.py", args, report.with_suffix(".log"))
     rows = [json.loads(r) for r in report.with_name(report.name + ".instances.jsonl").open()]
     out = {"gt": {r["id"]: 100 * r["iou"][0] for r in rows}}
     if teacher:
@@ -376,9 +339,25 @@ def calibration(work: Path, num: int = 8) -> torch.Tensor:
     return cache_images(str(work / "cache"), num, 512, flag="--work")
 
 
+def onnx_int8(work: Path, encoder: torch.nn.Module, mode: str) -> Path:
+    """The encoder's ONNX quantized to int8 (`students.quant`: `dynamic`, or `static` calibrated
+    on training scenes), written once under work/onnx."""
+    from students.onnx import export_onnx
+    from students.quant import quantize_onnx
+
+    path = work / "onnx" / f"encoder_int8_{mode}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fp32 = export_onnx(encoder, work / "onnx" / "encoder.onnx")
+        part = quantize_onnx(fp32, path.with_suffix(".part"), mode, calibration(work))
+        part.replace(path)
+    return path
+
+
 def arm_deploy(cfg: ClaimsConfig, work: Path) -> dict:
     from students import load_sam
     from students.export import save_student
+    from students.onnx import OrtEncoder
     from students.prune import prune_student
     from students.quant import quantize_torch
 
@@ -388,6 +367,10 @@ def arm_deploy(cfg: ClaimsConfig, work: Path) -> dict:
     encoder = sam.image_encoder
     sam.image_encoder = quantize_torch(encoder)
     out = {"int8_torch - fp32": compare(base, model_scores(work, "int8_torch", sam, ckpt))}
+    for mode in ("dynamic", "static"):  # the encoder file a user deploys, through onnxruntime
+        sam.image_encoder = OrtEncoder(onnx_int8(work, encoder, mode))
+        got = model_scores(work, f"int8_onnx_{mode}", sam, ckpt)
+        out[f"int8_onnx_{mode} - fp32"] = compare(base, got)
     sam.image_encoder = encoder
     manifest = json.loads((work / "cache" / "manifest.json").read_text())
     for target in ("heads", "mlp"):
@@ -419,12 +402,103 @@ def arm_deploy(cfg: ClaimsConfig, work: Path) -> dict:
     return out
 
 
+# The adapters train on a camouflage domain at the arms' extra steps and batch, each method with
+# its defaults and the same learning rate; CAD at the width and input size its CPU runs use.
+ADAPT_OPTIONS = {"cad": "width=32,input_size=128"}
+
+
+def camouflage(cfg: ClaimsConfig, work: Path) -> Path:
+    """The shifted domain: held-out photographs, each object cut from its own background."""
+    from eval.scenes.photos import make_camouflage_domain
+
+    root = work / "domain"
+    if not (root / "val").exists():
+        s = cfg.sizes
+        num_train, num_val = max(4, s["train_images"] // 8), max(2, s["held_images"] // 2)
+        make_camouflage_domain(root, num_train=num_train, num_val=num_val, size=256)
+    return root
+
+
+def adapt(cfg: ClaimsConfig, work: Path, method: str, start: Path, domain: Path) -> Path:
+    """One `launch/adapt.py` run (one process) of `method` from `start`; its adapted.pt."""
+    run = work / "adapt" / method
+    if not (run / "adapted.pt").exists():
+        steps = str(cfg.sizes["extra_steps"])
+        args = ["--ckpt", str(start), "--method", method, "--data", str(domain)]
+        args += ["--out", str(run), "--steps", steps, "--batch-size", str(cfg.sizes["batch_size"])]
+        args += ["--seed", str(cfg.seed), "--engine", "torch", "--workers", "0", "--no-progress"]
+        args += ["--device", "cpu", "--val-every", steps, "--checkpoint-every", steps]
+        args += ["--options", ADAPT_OPTIONS[method]] if method in ADAPT_OPTIONS else []
+        args += ["--resume", "auto"] if (run / "checkpoints").exists() else []
+        common.run_entry("launch/adapt.py", args, run.with_suffix(".log"))
+    return run / "adapted.pt"
+
+
+def domain_scores(work: Path, method: str, ckpt: Path, start: Path, domain: Path) -> tuple:
+    """IoU x 100 per val image of the adapted model and of the un-adapted student (eval/masks.py,
+    full-image box as in training), kept in work/eval."""
+    from eval.config import MaskEvalConfig
+    from eval.masks import evaluate
+
+    path = work / "eval" / f"adapt_{method}.json"
+    if not path.exists():
+        cfg = MaskEvalConfig(ckpt=str(ckpt), compare_ckpt=str(start), data=str(domain))
+        cfg.device, cfg.progress = "cpu", False
+        report = evaluate(cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(report))
+    models = json.loads(path.read_text())["models"]
+    return tuple({i: 100 * v for i, v in enumerate(m["iou_per_image"])} for m in models)
+
+
+def adapter_costs(cfg: ClaimsConfig, start: Path, ckpts: dict[str, Path]) -> dict[str, dict]:
+    """Per method: trainable parameters (adapter, and with the mask decoder), bytes autograd saves
+    in one training forward of one 512-px image, and encoder latency against the student's (CPU,
+    timed in turns)."""
+    from students import load_sam
+    from students.adapters.model import PromptedSam, set_trainable
+
+    x = torch.randn(1, 3, 512, 512)
+    encoders, out = {"student": load_sam(start).image_encoder}, {}
+    for method, ckpt in ckpts.items():
+        sam = load_sam(ckpt)
+        set_trainable(sam, train_decoder=True)
+        model = PromptedSam(sam).train()
+        box = torch.tensor([[0.0, 0.0, 512.0, 512.0]])
+        out[method] = {
+            "trainable": sum(p.numel() for p in sam.parameters() if p.requires_grad),
+            "trainable_adapter": getattr(sam.image_encoder, "num_trainable", 0),
+            **common.saved_bytes(model, x, box),
+        }
+        encoders[method] = sam.image_encoder.eval()
+    ms = common.latency_ms(encoders, x, cfg.sizes["repeats"])
+    for method in ckpts:
+        out[method]["latency_ratio"] = ms[method] / ms["student"]
+    return out
+
+
+def arm_adapters(cfg: ClaimsConfig, work: Path) -> dict:
+    from students.adapters import list_adapters
+
+    start, domain = phase1(cfg, work, "progressive"), camouflage(cfg, work)
+    ckpts = {m: adapt(cfg, work, m, start, domain) for m in list_adapters()}
+    scored = {m: domain_scores(work, m, c, start, domain) for m, c in ckpts.items()}
+    none, decoder = scored["decoder"][1], scored["decoder"][0]
+    out = {}
+    for method, (got, _) in scored.items():
+        out[f"{method} - un-adapted"] = compare(none, got)
+        if method != "decoder":
+            out[f"{method} - decoder"] = compare(decoder, got)
+    return out | {"costs": adapter_costs(cfg, start, ckpts)}
+
+
 RUNNERS = {
     "distill": arm_distill,
     "dld": arm_dld,
     "attention": arm_attention,
     "phase2": arm_phase2,
     "deploy": arm_deploy,
+    "adapters": arm_adapters,
 }
 
 
@@ -462,6 +536,7 @@ def doc_table(result: dict) -> dict:
             f"{v['improved']:.0%}",
         ]
         for arm, key, v in comparisons(result)
+        if arm != "adapters"  # scored on their own domain: `adapter_table`
     ]
     s = result["setup"]
     caption = (
@@ -473,6 +548,41 @@ def doc_table(result: dict) -> dict:
     )
     header = ["arm", "comparison", "base mIoU", "new mIoU", "difference", "instances"]
     return {"caption": caption, "header": [*header, "improved"], "rows": rows}
+
+
+def adapter_table(result: dict) -> dict:
+    """The docs' adapter table: per method its gains (paired per val image) and its costs."""
+    arm = result["adapters"]
+
+    def gain(key: str) -> str:
+        v = arm.get(key)
+        return "" if v is None else f"{v['mean']:+.1f} +- {v['se']:.1f}"
+
+    rows = [
+        [
+            f"`{method}`",
+            f"{arm[f'{method} - un-adapted']['new_miou']:.1f}",
+            gain(f"{method} - un-adapted"),
+            gain(f"{method} - decoder"),
+            f"{c['trainable_adapter']:,}",
+            f"{c['trainable']:,}",
+            f"{c['saved_bytes'] / 2**20:.0f}",
+            f"{c['latency_ratio']:.2f}x",
+        ]
+        for method, c in arm["costs"].items()
+    ]
+    first = next(iter(arm.values()))
+    s = result["setup"]
+    caption = (
+        f"Adapters on the camouflage domain ({first['n']} val images, full-image box): each "
+        f"method {s['extra_steps']} steps at batch {s['batch_size']} from the distilled `dfa_t`; "
+        f"val IoU x 100, gains paired per image +- one standard error (the un-adapted student: "
+        f"{first['base_miou']:.1f}). Saved bytes: what autograd keeps in one training forward of "
+        "one 512-px image; latency: the adapted encoder's CPU time over the student's."
+    )
+    header = ["method", "val IoU", "gain over un-adapted", "gain over decoder"]
+    header += ["trainable (adapter)", "trainable (with decoder)", "saved MiB", "latency"]
+    return {"caption": caption, "header": header, "rows": rows}
 
 
 def headline(result: dict) -> str:
@@ -496,8 +606,8 @@ def print_result(result: dict) -> None:
             f"teacher {m['teacher']:.1f}, box fill {m['box_fill']:.1f}; the student keeps "
             f"{d['share_of_teacher']:.0%} of the teacher's, agreement {d['agreement']:.1f}"
         )
-    table = doc_table(result)
-    common.print_table(table["header"], table["rows"])
+    for table in [doc_table(result)] + ([adapter_table(result)] if "adapters" in result else []):
+        common.print_table(table["header"], table["rows"])
     if "attention" in result:
         ms = result["attention"]["latency_ms_1024"]
         print("CPU latency at 1024 px: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items()))
@@ -506,7 +616,7 @@ def print_result(result: dict) -> None:
 def run(cfg: ClaimsConfig) -> dict:
     """Every asked arm (distill first); the figures."""
     work = Path(cfg.work).resolve()  # the scripts it runs start in the repository
-    check_setup(cfg, work)
+    common.check_setup(work, cfg.setup())
     make_data(cfg, work)
     result = {"setup": cfg.setup()}
     for arm in ARMS:
@@ -524,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         print_result(result)
         out = Path(cfg.out)
         result["tables"] = {"claims": doc_table(result), "headline": headline(result)}
+        if "adapters" in result:
+            result["tables"]["adapters"] = adapter_table(result)
         result["plot"] = str(plot(result, out.with_suffix(".png")))
         common.write_results(out, result, cfg, script=__file__, argv=argv)
         print(f"wrote {out} and {result['plot']}")

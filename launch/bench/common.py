@@ -11,7 +11,11 @@ build, runs in a child process, and the results JSON.
   (latency does not depend on weights).
 * Children: `run_child` calls a function of a benchmark module in a fresh interpreter (a clean
   peak-memory reading, no warm caches shared between models) and returns its JSON result;
-  `run_script` runs an entry script of the repository with its output in a log file.
+  `run_script` runs an entry script of the repository with its output in a log file, and
+  `run_entry` runs distill, adapt or eval/coco.py in this process; `check_setup` keeps a work
+  folder's stages from being reused under another setup.
+* Saved activations: `SavedTensors` / `saved_bytes` count what autograd keeps for backward in an
+  adapted model's training forward, by region (encoder, adapter branch, decoder).
 * Paired comparisons: `paired` gives the mean per-instance difference of two models on the same
   instances, its standard error and the share improved.
 * Results: `write_results` writes one JSON per run: the figures, the command that made them, the
@@ -23,6 +27,7 @@ Benchmarks import this module and nothing of one another.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -267,6 +272,115 @@ def run_script(script: str, *args: str, log: Path) -> None:
     if done.returncode:
         tail = log.read_text().splitlines()[-20:]
         raise RuntimeError(f"{script} failed ({done.returncode}), log {log}:\n" + "\n".join(tail))
+
+
+def _entries() -> dict[str, Callable[[list[str]], int]]:
+    """The entry scripts `run_entry` calls in this process, by their path in the repository."""
+    from functools import partial
+
+    from distill.adapt import train as adapt_train
+    from distill.config import AdaptConfig, DistillConfig
+    from distill.jobs import job_parser, run_job
+    from distill.train import train
+    from eval.cli import main as eval_main
+    from eval.mask_metrics import iou_dice
+
+    adapt = partial(adapt_train, scorer=iou_dice)  # as launch/adapt.py wires it
+    return {
+        "launch/distill.py": lambda a: run_job(
+            job_parser("", DistillConfig), DistillConfig, train, a, None
+        ),
+        "launch/adapt.py": lambda a: run_job(
+            job_parser("", AdaptConfig), AdaptConfig, adapt, a, None
+        ),
+        "eval/coco.py": lambda a: eval_main("coco", a),
+    }
+
+
+def run_entry(script: str, args: list[str], log: Path) -> None:
+    """Run `launch/distill.py`, `launch/adapt.py` or `eval/coco.py` with `args` in this process
+    (torch and the project load once for a benchmark's few dozen runs), its output in `log`; on
+    failure, raise with the log's tail. One process: no launcher, `--engine torch`."""
+    entry = _entries()[script]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        code = entry(args)
+    if code:
+        tail = log.read_text().splitlines()[-20:]
+        raise RuntimeError(f"{script} failed ({code}), log {log}:\n" + "\n".join(tail))
+
+
+def check_setup(work: Path, setup: dict) -> None:
+    """Record `setup` (what the stages kept under `work` depend on) in work/setup.json, or refuse
+    a folder made with another one, naming what differs."""
+    path = work / "setup.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        differs = sorted(k for k in setup.keys() | old.keys() if old.get(k) != setup.get(k))
+        if differs:
+            raise ValueError(
+                f"--work {work} holds a run made with another setup ({', '.join(differs)}: "
+                f"{[old.get(k) for k in differs]} there, {[setup.get(k) for k in differs]} now); "
+                "give another --work or remove it"
+            )
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(setup, indent=1))
+
+
+class SavedTensors:
+    """Context: bytes of the unique storages autograd saves for backward during the forward of
+    an adapted `PromptedSam` (`students.adapters.model`), parameters and buffers excluded, by
+    where they were saved: `encoder` (the frozen encoder and adapters inside it), `branch`
+    (adapter parts outside it: CAD's CNN, META's side network), `decoder` (the rest)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        self.exclude = {t.untyped_storage().data_ptr() for t in tensors}
+        self.seen: dict[int, tuple[str, int]] = {}
+        self.where = ["decoder"]
+        adapted = model.sam.image_encoder
+        base = getattr(adapted, "encoder", adapted)
+        self.regions = [(adapted, "branch"), (base, "encoder")]
+        self.handles: list = []
+
+    def pack(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.exclude and ptr not in self.seen:
+            self.seen[ptr] = (self.where[-1], storage.nbytes())
+        return t
+
+    def _leave_region(self, *_: object) -> None:  # returns None: a value would replace the output
+        self.where.pop()
+
+    def __enter__(self) -> SavedTensors:
+        for module, name in self.regions:
+            enter = module.register_forward_pre_hook(lambda *_, n=name: self.where.append(n))
+            self.handles.append(enter)
+            self.handles.append(module.register_forward_hook(self._leave_region))
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hooks.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
+
+    def bytes(self) -> dict[str, int]:
+        """`saved_bytes` (all) and `saved_bytes_{encoder,branch,decoder}`."""
+        out = {f"saved_bytes_{r}": 0 for r in ("encoder", "branch", "decoder")}
+        for region, nbytes in self.seen.values():
+            out[f"saved_bytes_{region}"] += nbytes
+        return {"saved_bytes": sum(out.values()), **out}
+
+
+def saved_bytes(model: nn.Module, images: Tensor, boxes: Tensor) -> dict[str, int]:
+    """Saved-for-backward bytes of one training forward of a `PromptedSam` (no backward)."""
+    with SavedTensors(model) as saved:
+        model(images, boxes)
+    return saved.bytes()
 
 
 # --- paired comparisons ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The claims benchmark end to end at --quick: every arm ran, its paired figures are the
 per-instance differences of the reports they pair, and the figures that hold at any budget hold:
-a distilled student beats the undistilled one clearly, and int8 keeps the fp32 student's GT mIoU
-within a point. A rerun into the same --work with another setup is refused, naming the setting."""
+a distilled student beats the undistilled one clearly, int8 (PyTorch and both ONNX paths) keeps
+the fp32 student's GT mIoU within a point, and the adapters' costs add up. A rerun into the same --work with another setup is refused, naming the setting."""
 
 import json
 import statistics
@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from students.adapters import list_adapters
 from tests.conftest import REPO, unplaced_env
 
 pytestmark = pytest.mark.slow
@@ -39,14 +40,19 @@ def _gt(work, name):
 
 def test_every_arm_and_its_comparisons_are_in_the_results(bench):
     _, result, _ = bench
-    assert set(result) >= {"distill", "dld", "attention", "phase2", "deploy", "tables", "plot"}
+    arms = {"distill", "dld", "attention", "phase2", "deploy", "adapters"}
+    assert set(result) >= arms | {"tables", "plot"}
     assert set(result["dld"]) == {
         f"progressive - {m}" for m in ("stepwise", "uniform", "final_only")
     }
     assert set(result["attention"]["latency_ms_1024"]) == {"dfa", "windowed", "global"}
-    assert len(result["phase2"]) == 4 and len(result["deploy"]) == 5
+    assert len(result["phase2"]) == 4 and len(result["deploy"]) == 7
     rows = result["tables"]["claims"]["rows"]
-    assert len(rows) == 4 + 3 + 2 + 4 + 5 and all(len(r) == 7 for r in rows)
+    assert len(rows) == 4 + 3 + 2 + 4 + 7 and all(len(r) == 7 for r in rows)
+    methods = list_adapters()
+    assert set(result["adapters"]["costs"]) == set(methods)
+    assert {f"{m} - un-adapted" for m in methods} <= set(result["adapters"])
+    assert len(result["tables"]["adapters"]["rows"]) == len(methods)
     assert "keeps" in result["tables"]["headline"] and result["plot"].endswith(".png")
 
 
@@ -68,8 +74,28 @@ def test_distillation_beats_no_distillation_and_int8_keeps_the_fp32_miou(bench):
     assert miou["teacher"] > miou["undistilled"]
     share = result["distill"]["share_of_teacher"]
     assert share == pytest.approx(miou["student"] / miou["teacher"], rel=1e-12)
-    int8 = result["deploy"]["int8_torch - fp32"]
-    assert abs(int8["mean"]) < 1.0, int8
+    for path in ("torch", "onnx_dynamic", "onnx_static"):
+        int8 = result["deploy"][f"int8_{path} - fp32"]
+        assert abs(int8["mean"]) < 1.0, (path, int8)
+
+
+def test_adapter_costs_split_into_the_adapter_and_the_decoder(bench):
+    """Every method trains the same mask decoder beside its adapter, so its trainable count is
+    the decoder's plus the adapter's, and the decoder's saved activations are the same bytes.
+    CAD and META run the frozen encoder without autograd: nothing saved there; the adapters
+    inside the encoder (LoRA, Conv-LoRA, SAM-Adapter) save its activations."""
+    _, result, _ = bench
+    costs = result["adapters"]["costs"]
+    decoder = costs["decoder"]
+    assert decoder["trainable_adapter"] == 0 and decoder["saved_bytes_encoder"] == 0
+    for method, c in costs.items():
+        assert c["trainable"] == decoder["trainable"] + c["trainable_adapter"], method
+        assert c["saved_bytes_decoder"] == decoder["saved_bytes_decoder"], method
+        assert c["latency_ratio"] > 0.5, method
+    for method in ("cad", "meta"):
+        assert costs[method]["saved_bytes_encoder"] == 0 < costs[method]["saved_bytes_branch"]
+    for method in ("lora", "conv_lora", "sam_adapter"):
+        assert costs[method]["saved_bytes_encoder"] > 0 == costs[method]["saved_bytes_branch"]
 
 
 def test_a_work_folder_made_with_another_setup_is_refused_by_name(bench):
