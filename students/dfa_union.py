@@ -9,10 +9,13 @@ counted twice:
 So for a local pattern ``(w_l, 1)`` plus a dilated one ``(w_d, r)``, a query of head h at its
 head group's offset attends once over ``[its w_l x w_l tile ; its w_d x w_d tile at that
 offset]``, and every other query over its local tile alone. Tokens are regrouped by dilation
-offset with strided slices, the keys of a dilated tile are broadcast to the local tiles inside it,
-and every attention is a standard ``scaled_dot_product_attention`` over contiguous blocks: what
-onnxruntime runs as MatMul, Softmax, MatMul with no gathers, scatters or log-sum-exp. The batch
-stays a free dimension, so an exported encoder takes any batch size.
+offset with strided slices and tiled with the local tiles grouped by the dilated tile holding them.
+Every query attends over its local tile with a standard ``scaled_dot_product_attention``; a query
+at its offset also has one softmax over the scores of its local keys concatenated with those of
+its dilated tile's keys, which come from one product per dilated tile (its local tiles share
+them), so no key is copied per local tile. onnxruntime runs all of it as MatMul, Concat, Softmax,
+MatMul over contiguous blocks, with no gathers, scatters or log-sum-exp. The batch stays a free
+dimension, so an exported encoder takes any batch size.
 
 `students.dfa.dilated_attention` (the fused kernel with its exact gradient) stays the training
 path; tests hold this form equal to it. Layouts as there: ``q, k, v, out [B, nh, H, W, d]``.
@@ -56,20 +59,22 @@ def _tile(pattern: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
     return tuple(min(w, -(-g // r) * r) for g in grid)
 
 
-def _tiles(x: Tensor, tile: tuple[int, int]) -> Tensor:
-    """``[B, nh, H, W, d] -> [B, nh, H/th, W/tw, th*tw, d]`` (row-major inside a tile)."""
+def _tiles(x: Tensor, outer: tuple[int, int], inner: tuple[int, int]) -> Tensor:
+    """``[B, nh, H, W, d] -> [B, nh, H/oh, W/ow, R, ih*iw, d]``: the ``inner`` tiles grouped by the
+    ``outer`` tile holding them (``R = (oh/ih)(ow/iw)``, row-major at both levels)."""
     _, nh, h, w, d = x.shape
-    th, tw = tile
-    x = x.reshape(-1, nh, h // th, th, w // tw, tw, d).permute(0, 1, 2, 4, 3, 5, 6)
-    return x.reshape(-1, nh, h // th, w // tw, th * tw, d)
+    (oh, ow), (ih, iw) = outer, inner
+    x = x.reshape(-1, nh, h // oh, oh // ih, ih, w // ow, ow // iw, iw, d)
+    x = x.permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
+    return x.reshape(-1, nh, h // oh, w // ow, (oh // ih) * (ow // iw), ih * iw, d)
 
 
-def _untile(x: Tensor, tile: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+def _untile(x: Tensor, outer: tuple[int, int], inner: tuple[int, int], grid: tuple[int, int]):
     """Inverse of `_tiles`."""
     nh, d = x.shape[1], x.shape[-1]
-    (th, tw), (h, w) = tile, grid
-    x = x.reshape(-1, nh, h // th, w // tw, th, tw, d).permute(0, 1, 2, 4, 3, 5, 6)
-    return x.reshape(-1, nh, h, w, d)
+    (oh, ow), (ih, iw), (h, w) = outer, inner, grid
+    x = x.reshape(-1, nh, h // oh, w // ow, oh // ih, ow // iw, ih, iw, d)
+    return x.permute(0, 1, 2, 4, 6, 3, 5, 7, 8).reshape(-1, nh, h, w, d)
 
 
 def _offsets(x: Tensor, r: int) -> list[Tensor]:
@@ -97,24 +102,21 @@ def union_attention(
         raise ValueError(f"patterns {list(patterns)} on a {h}x{w} grid have no union form")
     tl, td, r = geometry
     scale = d**-0.5 if scale is None else scale
-    # Every query over its local tile.
-    kl, vl = _tiles(k, tl), _tiles(v, tl)
-    local = F.scaled_dot_product_attention(_tiles(q, tl), kl, vl, scale=scale)
-    local = _untile(local, tl, (h, w))
-    # Queries at their head's offset: local tile plus the dilated tile's keys at that offset.
+    # Every query over its local tile (the local tiles grouped by the dilated tile holding them).
+    kl, vl = _tiles(k, td, tl), _tiles(v, td, tl)  # [B, nh, nDy, nDx, R, L_l, d]
+    local = F.scaled_dot_product_attention(_tiles(q, td, tl), kl, vl, scale=scale)
+    local = _untile(local, td, tl, (h, w))
+    # Queries at their head's offset: one softmax over the scores of their local tile's keys and
+    # of their dilated tile's keys at that offset. The dilated tile's keys are shared by its R
+    # local tiles, so their scores come from one product per dilated tile, with no copies of keys.
     sub, stl, std = (h // r, w // r), (tl[0] // r, tl[1] // r), (td[0] // r, td[1] // r)
-    q_on = _tiles(_own_offset(q, r), stl)  # [B, nh, nTy, nTx, L_on, d]
-    rep = (td[0] // tl[0], td[1] // tl[1])  # local tiles per dilated tile, each axis
-
-    def dilated_keys(x: Tensor) -> Tensor:
-        x = _tiles(_own_offset(x, r), std)  # [B, nh, nDy, nDx, L_d, d]
-        n_dy, n_dx, length = x.shape[2], x.shape[3], x.shape[4]
-        x = x[:, :, :, None, :, None].expand(-1, -1, -1, rep[0], -1, rep[1], -1, -1)
-        return x.reshape(-1, nh, n_dy * rep[0], n_dx * rep[1], length, d)
-
-    k_on = torch.cat([kl, dilated_keys(k)], dim=-2)
-    v_on = torch.cat([vl, dilated_keys(v)], dim=-2)
-    on = _untile(F.scaled_dot_product_attention(q_on, k_on, v_on, scale=scale), stl, sub)
+    q_on = _tiles(_own_offset(q, r), std, stl) * scale  # [B, nh, nDy, nDx, R, L_on, d]
+    kd, vd = (_tiles(_own_offset(x, r), std, std).squeeze(4) for x in (k, v))  # [.., L_d, d]
+    rep, l_on, l_local = q_on.shape[4], q_on.shape[5], kl.shape[5]
+    scores_dilated = (q_on.flatten(4, 5) @ kd.transpose(-1, -2)).unflatten(4, (rep, l_on))
+    p = torch.cat([q_on @ kl.transpose(-1, -2), scores_dilated], dim=-1).softmax(dim=-1)
+    on = p[..., :l_local] @ vl + (p[..., l_local:].flatten(4, 5) @ vd).unflatten(4, (rep, l_on))
+    on = _untile(on, std, stl, sub)  # [B, nh, H/r, W/r, d]
     # Each head takes `on` at its own offset and `local` at the others; then re-interleave.
     groups, per = r * r, nh // (r * r)
     own = torch.zeros(nh, groups, dtype=torch.bool)

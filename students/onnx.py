@@ -2,8 +2,9 @@
 against onnxruntime.
 
 The fused attention kernels are PyTorch operators that ONNX does not have, so DFA exports in its
-union form (`students.dfa_union`: every query attends once over the keys its patterns give it,
-standard attention over contiguous blocks, the same values as the training path). Input `image`
+union form (`students.dfa_union`: every query has one softmax over the keys its patterns give
+it, matrix products over contiguous blocks, the same values as the training path), and SAM's
+`LayerNorm2d` in the neck as a `LayerNormalization` between transposes. Input `image`
 [B, 3, S, S] float32 (preprocessed as `teachers.preprocess` does), output `image_embeddings`
 [B, 256, S/16, S/16]. The batch is dynamic; the image side is fixed at export (the tiles are
 computed from it).
@@ -45,7 +46,7 @@ DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 def export_onnx(encoder: nn.Module, path: str | Path, batch: int = 1, opset: int = 17) -> Path:
     """Write `encoder` (a student from the registry) to an ONNX file at its `img_size`.
 
-    DFA layers export in their union form (`students.dfa_union`: standard attention over gathered
+    DFA layers export in their union form (`students.dfa_union`: one softmax over every query's
     keys, which onnxruntime runs without gathers); then the batch is dynamic and `batch` only
     sizes the tracing input. A layer whose patterns have no union form exports the explicit
     reference math, which bakes the batch size in: the export says so.
@@ -56,6 +57,7 @@ def export_onnx(encoder: nn.Module, path: str | Path, batch: int = 1, opset: int
     attention = [m for m in model.modules() if isinstance(m, DilatedFlashAttention)]
     for module in attention:
         module.backend = "union"
+    _channel_norms_as_layer_norms(model)
     fixed = [m for m in attention if not m.union_applies((grid, grid))]
     if fixed:
         print(
@@ -99,6 +101,31 @@ class OrtEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().float().cpu().numpy()
         return torch.from_numpy(self.session.run(None, {"image": x})[0]).to(images.device)
+
+
+class _ChannelLayerNorm(nn.Module):
+    """SAM's `LayerNorm2d` (over the channels of ``[B, C, H, W]``) as a layer norm over the last
+    axis between two transposes: the same values, exported as one `LayerNormalization`, which
+    onnxruntime runs several times faster than the mean, variance and divide over axis 1."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.shape = (norm.weight.numel(),)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _channel_norms_as_layer_norms(model: nn.Module) -> None:
+    """Swap every `LayerNorm2d` of `model` for `_ChannelLayerNorm` (in place)."""
+    from segment_anything.modeling.common import LayerNorm2d
+
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, LayerNorm2d):
+                setattr(parent, name, _ChannelLayerNorm(child))
 
 
 def check_onnx(encoder: nn.Module, path: str | Path, images: torch.Tensor) -> float:

@@ -2,10 +2,12 @@
 
 Two paths, both CPU:
 
-* ONNX (``onnxruntime.quantization``): ``dynamic`` quantizes the weights of every MatMul/Gemm/Conv
-  to int8 per channel and the activations at run time, per tensor; ``static`` also fixes the
-  activation scales from calibration images (a few cached images, ``teachers.preprocess``d) and
-  writes QDQ nodes, which onnxruntime fuses into int8 kernels. Only products with a stored
+* ONNX (``onnxruntime.quantization``): ``dynamic`` quantizes the weights of every MatMul/Gemm
+  to int8 per channel and the activations at run time, per tensor; the convolutions stay fp32
+  (onnxruntime runs a dynamically quantized Conv as ``ConvInteger``, which made a 1024-px dfa_t
+  slower than fp32 on a 2-core AMD EPYC). ``static`` quantizes the convolutions too and fixes
+  the activation scales from calibration images (a few cached images, ``teachers.preprocess``d),
+  writing QDQ nodes that onnxruntime fuses into int8 kernels (``QLinearConv``, int8 MatMul). Only products with a stored
   weight are quantized; nodes whose names start with a prefix in ``keep_fp32`` stay fp32: by
   default the patch embedding, whose input is the raw normalised image (quantized statically,
   it alone cut the embedding cosine of a distilled dfa_t from 0.99999 to 0.996).
@@ -26,14 +28,16 @@ import torch
 from torch import Tensor, nn
 
 INT8_MODES = ("dynamic", "static")
-# Ops whose weights carry the student's compute; everything else stays fp32.
+# Ops whose weights carry the student's compute; everything else stays fp32. Dynamic
+# quantization leaves Conv out (module docstring).
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
+DYNAMIC_OPS = ("MatMul", "Gemm")
 # The first layer: its input, the normalised image with its zero padding, quantizes badly.
 KEEP_FP32 = ("/patch_embed/",)
 
 
-def weight_nodes(path: str | Path) -> list[str]:
-    """Names of the graph's MatMul/Gemm/Conv nodes that multiply by a stored weight: the
+def weight_nodes(path: str | Path, ops: Sequence[str] = QUANT_OPS) -> list[str]:
+    """Names of the graph's `ops` nodes (MatMul/Gemm/Conv) that multiply by a stored weight: the
     attention's activation-by-activation products (q k^T, p v) are left out, so they and the
     softmax between them stay fp32."""
     import onnx
@@ -42,9 +46,7 @@ def weight_nodes(path: str | Path) -> list[str]:
     stored = {t.name for t in graph.initializer}
     stored |= {out for n in graph.node if n.op_type == "Constant" for out in n.output}
     return [
-        n.name
-        for n in graph.node
-        if n.op_type in QUANT_OPS and any(name in stored for name in n.input)
+        n.name for n in graph.node if n.op_type in ops and any(name in stored for name in n.input)
     ]
 
 
@@ -93,9 +95,10 @@ def quantize_onnx(
     if mode == "static" and images is None:
         raise ValueError("--int8 static calibrates on cached images: give --calib-shards CACHE")
     dst = Path(dst)
+    ops = QUANT_OPS if mode == "static" else DYNAMIC_OPS
     common = dict(
-        op_types_to_quantize=list(QUANT_OPS),
-        nodes_to_quantize=[n for n in weight_nodes(src) if not n.startswith(tuple(keep_fp32))],
+        op_types_to_quantize=list(ops),
+        nodes_to_quantize=[n for n in weight_nodes(src, ops) if not n.startswith(tuple(keep_fp32))],
         per_channel=True,
         weight_type=QuantType.QInt8,
     )
