@@ -1,27 +1,37 @@
-r"""Deployment variants of one student against the fp32 student, in one run.
+r"""Deployment forms of students against their fp32 PyTorch encoder, and peers' ONNX, in one run.
 
-    python launch/bench/deploy.py --ckpt runs/dfa_s/student.pt \
+    python launch/bench/deploy.py [--ckpt runs/dfa_s/student.pt] [--students dfa_t,dfa_s] \
+        [--peers mobilesam_vit_t,efficientvit_sam_l0] [--image-size 1024] \
+        [--int8 onnx_dynamic,onnx_static,torch] [--coco-root HELD] \
         [--pruned a.pt,b.pt | --prune heads:0.5,mlp:0.5] [--calib-shards CACHE] [--num-images 8] \
         [--repeats 5] [--threads N] [--out runs/bench_deploy.json]
 
-Variants of the encoder, each fed the same preprocessed generated images
-(``eval.scenes.synthetic``):
+Models: ``--ckpt``, a distilled student.pt at its own input size, and ``--students``, registered
+students with random weights at ``--image-size`` (latency does not depend on the weights). Forms
+of each, fed the same preprocessed generated images (``eval.scenes.synthetic``):
 
-* ``fp32_torch``: the student as ``load_sam`` builds it (the reference of every ratio);
-* ``fp32_onnx``: its ONNX through onnxruntime (``students.onnx``);
+* ``fp32_torch``: the encoder in PyTorch (the reference of every ratio and agreement);
+* ``fp32_onnx``: its ONNX (``students.onnx``) through onnxruntime;
 * ``int8_onnx_dynamic`` / ``int8_onnx_static``: ``onnxruntime.quantization`` (``students.quant``),
   static calibrated on ``--calib-shards`` images or, without a cache, on generated images of
   another seed than the scored ones;
 * ``int8_torch``: ``torch.ao`` dynamic quantization of the Linear layers;
-* ``pruned:NAME``: each ``--pruned`` student.pt (re-distilled, fp32 PyTorch), or, with
-  ``--prune target:ratio``, the student pruned here without re-distillation.
+* ``--ckpt`` only: ``pruned:NAME``, each ``--pruned`` student.pt (re-distilled, fp32 PyTorch), or,
+  with ``--prune target:ratio``, the student pruned here without re-distillation.
 
-Per variant: median batch-1 latency over ``--repeats`` interleaved runs and its ratio to
-``fp32_torch`` (onnxruntime gets as many threads as torch, not spinning between runs), model bytes (ONNX file; serialized
-state dict for PyTorch), embedding cosine and relative L2 error to the fp32 student's embedding
-(mean over images), and box agreement: GT boxes of the generated images decoded by the student's
-SAM decoder from each variant's embedding (multimask, best predicted IoU kept, as in
-``eval.runner``), mIoU x 100 against the fp32 student's masks.
+``--peers`` (``launch.bench.common.PEERS``, random weights) are exported to ONNX and timed beside
+them at their native input and at ``--image-size`` where they take it.
+
+Per form: median batch-1 latency over ``--repeats`` runs, every form of every model interleaved
+(onnxruntime gets as many threads as torch and does not spin between runs), and its ratio to
+its model's ``fp32_torch``; model bytes (ONNX file; serialized state dict for PyTorch); embedding
+cosine and relative L2 error to the ``fp32_torch`` embedding (mean over images); for ``--ckpt``,
+box agreement: GT boxes of the generated images decoded by the student's SAM decoder from each
+form's embedding (multimask, best predicted IoU kept, as in ``eval.runner``), mIoU x 100 against
+the fp32 masks; with ``--coco-root``, GT mIoU x 100 on those scenes through eval's own loop and
+protocol, paired per instance with ``fp32_torch`` (``common.paired``). The summary gives per
+model the fp32 ONNX ratio, the fastest int8 form with its speed-up over fp32 PyTorch and cosine,
+and each peer ONNX's latency over the model's fp32 ONNX.
 """
 
 import sys
@@ -33,14 +43,15 @@ sys.path.insert(0, str(_here.parents[1]))
 
 import io  # noqa: E402
 import json  # noqa: E402
+import statistics  # noqa: E402
 import tempfile  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from segment_anything import SamPredictor  # noqa: E402
+from segment_anything.modeling import Sam  # noqa: E402
 from torch import nn  # noqa: E402
 
 from eval.metrics import encode_masks, mask_iou  # noqa: E402
@@ -48,15 +59,17 @@ from eval.prompts import boxes_xyxy  # noqa: E402
 from eval.runner import predict_masks  # noqa: E402
 from eval.scenes.synthetic import make_coco  # noqa: E402
 from launch.bench import common  # noqa: E402
+from students import build_student, list_students  # noqa: E402
 from students.load import load_sam  # noqa: E402
-from students.onnx import export_onnx  # noqa: E402
+from students.onnx import OrtEncoder, export_onnx  # noqa: E402
 from students.prune import TARGETS, prune_student  # noqa: E402
 from students.quant import embedding_agreement, quantize_onnx, quantize_torch  # noqa: E402
 from teachers.cache_read import cache_images  # noqa: E402
 from teachers.preprocess import Preprocessed, load_image, preprocess  # noqa: E402
 from teachers.runtime.flags import parse_config  # noqa: E402
 
-Encode = Callable[[torch.Tensor], np.ndarray]  # [B, 3, S, S] -> [B, 256, h, w]
+INT8_FORMS = ("onnx_dynamic", "onnx_static", "torch")
+Form = tuple[nn.Module, int]  # encoder (onnxruntime behind OrtEncoder), model bytes
 
 
 @dataclass
@@ -64,11 +77,21 @@ class DeployBenchConfig:
     """One run of the deployment benchmark."""
 
     ckpt: str = ""
-    """The fp32 student.pt (required)."""
+    """A distilled student.pt: its forms, box agreement and (--coco-root) GT mIoU."""
+    students: tuple[str, ...] = ()
+    """Registered students with random weights at --image-size (dfa_t,dfa_s)."""
+    peers: tuple[str, ...] = ()
+    """Peer encoders with random weights, as ONNX (mobilesam_vit_t,efficientvit_sam_l0)."""
+    image_size: int = 1024
+    """Input side of --students and of the peers' equal-input rows."""
+    int8: tuple[str, ...] = INT8_FORMS
+    """int8 forms built for every student: onnx_dynamic, onnx_static, torch."""
+    coco_root: str | None = None
+    """COCO-layout held-out scenes: GT mIoU of every form of --ckpt, paired with fp32."""
     pruned: tuple[str, ...] = ()
-    """Re-distilled pruned student.pt files, comma-separated."""
+    """Re-distilled pruned student.pt files of --ckpt, comma-separated."""
     prune: tuple[str, ...] = ()
-    """Prune here without re-distillation: target:ratio, comma-separated (heads:0.5,mlp:0.5)."""
+    """Prune --ckpt here without re-distillation: target:ratio, comma-separated (heads:0.5)."""
     calib_shards: str | None = None
     """Teacher cache for static calibration (default: generated images)."""
     num_calib: int = 8
@@ -78,20 +101,29 @@ class DeployBenchConfig:
     seed: int = 11
     """Seed of the scored images."""
     repeats: int = 5
-    """Timed runs per variant (median)."""
+    """Timed runs per form (median)."""
     threads: int | None = None
     """Threads of torch and onnxruntime (default: torch's)."""
     out: str = "runs/bench_deploy.json"
     """Results JSON: every figure, the command, the machine and the date."""
 
     def __post_init__(self) -> None:
-        if not self.ckpt:
-            raise ValueError("--ckpt: give the fp32 student.pt to compare the variants with")
-        for path in [self.ckpt, *self.pruned]:
+        if not self.ckpt and not self.students:
+            raise ValueError("--ckpt/--students: give a student.pt, registered students, or both")
+        if not self.ckpt and (self.pruned or self.prune or self.coco_root):
+            raise ValueError("--pruned, --prune and --coco-root are forms of --ckpt: give --ckpt")
+        for path in [self.ckpt, *self.pruned] if self.ckpt else []:
             if not Path(path).is_file():
                 raise ValueError(f"--ckpt/--pruned {path}: no such file")
+        if self.coco_root and not Path(self.coco_root).is_dir():
+            raise ValueError(f"--coco-root {self.coco_root}: no such folder")
+        common.check_names("--students", self.students, list_students())
+        common.check_names("--peers", self.peers, list(common.PEERS))
+        common.check_names("--int8", self.int8, list(INT8_FORMS))
         if self.repeats < 1 or self.num_images < 1:
             raise ValueError("--repeats and --num-images must be at least 1")
+        if self.image_size < 16 or self.image_size % 16:
+            raise ValueError(f"--image-size {self.image_size}: give a multiple of 16")
         self.prune_specs()  # refuses a bad --prune now
 
     def prune_specs(self) -> list[tuple[str, float]]:
@@ -124,29 +156,74 @@ def generated_images(root: Path, num: int, seed: int, img_size: int) -> list[tup
     return items
 
 
-def torch_encode(encoder: nn.Module) -> Encode:
-    def run(images: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return encoder.eval()(images).float().numpy()
-
-    return run
-
-
-def onnx_encode(path: Path) -> Encode:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    # Idle onnxruntime threads spin by default and would slow the interleaved PyTorch runs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda images: session.run(None, {"image": images.numpy().astype(np.float32)})[0]
+def encode(encoder: nn.Module, images: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return encoder.eval()(images).float().numpy()
 
 
 def state_bytes(module: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     return buffer.getbuffer().nbytes
+
+
+def ort_form(path: Path) -> Form:
+    return OrtEncoder(path, threads=torch.get_num_threads()), path.stat().st_size
+
+
+def student_forms(encoder: nn.Module, work: Path, calib: torch.Tensor, int8: tuple) -> dict:
+    """{form: (encoder, bytes)}: fp32 PyTorch and ONNX, and the ``int8`` forms; files in work."""
+    work.mkdir(parents=True, exist_ok=True)
+    encoder = encoder.eval()
+    forms = {"fp32_torch": (encoder, state_bytes(encoder))}
+    onnx = export_onnx(encoder, work / "encoder.onnx")
+    forms["fp32_onnx"] = ort_form(onnx)
+    for mode in ("dynamic", "static"):
+        if f"onnx_{mode}" in int8:
+            path = quantize_onnx(onnx, work / f"encoder_int8_{mode}.onnx", mode, calib)
+            forms[f"int8_onnx_{mode}"] = ort_form(path)
+    if "torch" in int8:
+        quantized = quantize_torch(encoder)
+        forms["int8_torch"] = (quantized, state_bytes(quantized))
+    return forms
+
+
+def pruned_forms(cfg: DeployBenchConfig, encoder: nn.Module, calib: torch.Tensor) -> tuple:
+    """--pruned and --prune forms of --ckpt, and {form: SAM whose decoder scores it}."""
+    forms, sams = {}, {}
+    for path in cfg.pruned:
+        pruned_sam = load_sam(path)
+        name = f"pruned:{Path(path).parent.name}/{Path(path).name}"
+        forms[name] = (pruned_sam.image_encoder, state_bytes(pruned_sam.image_encoder))
+        sams[name] = pruned_sam
+    for target, ratio in cfg.prune_specs():
+        pruned, _ = prune_student(encoder, target, ratio, calib)
+        forms[f"pruned:{target}{ratio:g} (not re-distilled)"] = (pruned, state_bytes(pruned))
+    return forms, sams
+
+
+def peer_forms(cfg: DeployBenchConfig, work: Path) -> dict[tuple[str, int], Form]:
+    """{(peer, input side): its ONNX form} at its native side and at --image-size."""
+    forms = {}
+    for name in cfg.peers:
+        encoder, native = common.build_encoder(name, cfg.image_size, "cpu")
+        for side in sorted({native, cfg.image_size}):
+            path = work / f"{name}_{side}.onnx"
+            try:
+                torch.onnx.export(
+                    encoder,
+                    (torch.zeros(1, 3, side, side),),
+                    str(path),
+                    input_names=["image"],
+                    output_names=["image_embeddings"],
+                    opset_version=17,
+                    dynamo=False,
+                )
+            except Exception as err:  # noqa: BLE001 (a peer built for one input side only)
+                print(f"{name} does not export at {side} px ({type(err).__name__}): no row")
+                continue
+            forms[name, side] = ort_form(path)
+    return forms
 
 
 def box_masks(sam, embedding: np.ndarray, pre: Preprocessed, boxes: np.ndarray) -> list[dict]:
@@ -159,125 +236,182 @@ def box_masks(sam, embedding: np.ndarray, pre: Preprocessed, boxes: np.ndarray) 
         return encode_masks(predict_masks(predictor, multimask_output=True, boxes=boxes))
 
 
-def latencies(encoders: dict[str, Encode], image: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median ms per call of each encoder on ``image``, runs interleaved (one warm-up each)."""
-    calls = {name: partial(encode, image) for name, encode in encoders.items()}
-    return {name: 1e3 * s for name, s in common.interleaved(calls, repeats, warmup=1).items()}
-
-
-def build_variants(cfg: DeployBenchConfig, sam, work: Path, calib: torch.Tensor) -> tuple:
-    """{name: encode}, {name: bytes}, {name: SAM whose decoder scores it}."""
-    encoder = sam.image_encoder.eval()
-    encoders, sizes, sams = {"fp32_torch": torch_encode(encoder)}, {}, {}
-    sizes["fp32_torch"] = state_bytes(encoder)
-    onnx = export_onnx(encoder, work / "encoder_b1.onnx", batch=1)
-    encoders["fp32_onnx"], sizes["fp32_onnx"] = onnx_encode(onnx), onnx.stat().st_size
-    for mode in ("dynamic", "static"):
-        path = quantize_onnx(onnx, work / f"encoder_int8_{mode}.onnx", mode, calib)
-        encoders[f"int8_onnx_{mode}"], sizes[f"int8_onnx_{mode}"] = (
-            onnx_encode(path),
-            path.stat().st_size,
-        )
-    quantized = quantize_torch(encoder)
-    encoders["int8_torch"], sizes["int8_torch"] = torch_encode(quantized), state_bytes(quantized)
-    for path in cfg.pruned:
-        pruned_sam = load_sam(path)
-        name = f"pruned:{Path(path).parent.name}/{Path(path).name}"
-        encoders[name], sizes[name] = (
-            torch_encode(pruned_sam.image_encoder),
-            state_bytes(pruned_sam.image_encoder),
-        )
-        sams[name] = pruned_sam
-    for target, ratio in cfg.prune_specs():
-        pruned, _ = prune_student(encoder, target, ratio, calib)
-        name = f"pruned:{target}{ratio:g} (not re-distilled)"
-        encoders[name], sizes[name] = torch_encode(pruned), state_bytes(pruned)
-    return encoders, sizes, sams
-
-
-def score(encoders: dict[str, Encode], sams: dict, sam, items: list[tuple]) -> dict[str, dict]:
-    """Embedding agreement and box-mask agreement of every variant with ``fp32_torch``."""
+def score(forms: dict[str, Form], items: list[tuple], sam=None, sams=None) -> dict[str, dict]:
+    """Embedding agreement of every form with ``fp32_torch``; with ``sam``, box agreement too."""
     images = torch.stack([pre.image for pre, _ in items])
     embeds = {
-        name: np.concatenate([encode(images[i : i + 1]) for i in range(len(images))])
-        for name, encode in encoders.items()
+        name: np.concatenate([encode(enc, images[i : i + 1]) for i in range(len(images))])
+        for name, (enc, _) in forms.items()
     }
     ref = embeds["fp32_torch"]
+    rows = {name: embedding_agreement(ref, emb) for name, emb in embeds.items()}
+    if sam is None:
+        return rows
     ref_masks = [box_masks(sam, ref[i : i + 1], pre, boxes) for i, (pre, boxes) in enumerate(items)]
-    rows = {}
     for name, emb in embeds.items():
-        decoder_sam = sams.get(name, sam)
         ious = []
         for i, (pre, boxes) in enumerate(items):
-            masks = box_masks(decoder_sam, emb[i : i + 1], pre, boxes)
+            masks = box_masks(sams.get(name, sam), emb[i : i + 1], pre, boxes)
             ious += [
                 mask_iou(a, b, both_empty=1.0) for a, b in zip(ref_masks[i], masks, strict=True)
             ]
-        rows[name] = {
-            **embedding_agreement(ref, emb),
-            "box_agreement_miou": 100 * float(np.mean(ious)),
-            "num_boxes": len(ious),
-        }
+        rows[name] |= {"box_agreement_miou": 100 * float(np.mean(ious)), "num_boxes": len(ious)}
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    header = ["variant", "latency ms", "latency ratio to fp32 torch", "model MB"]
+def gt_scores(cfg: DeployBenchConfig, forms: dict[str, Form], sam, sams: dict) -> dict:
+    """GT IoU x 100 per --coco-root instance of every form (eval's loop and protocol: GT box,
+    multimask, best predicted IoU kept), its mean, and paired against ``fp32_torch``."""
+    from eval.config import EvalConfig
+    from eval.evaluate import load_dataset, select_images
+    from eval.runner import Model, Task, run_images
+
+    ecfg = EvalConfig(dataset="coco", ckpt=cfg.ckpt, coco_root=cfg.coco_root)
+    ds = load_dataset(ecfg)
+    images, _ = select_images(ecfg, ds)
+    task = Task(ecfg.prompt, ecfg.num_clicks, ecfg.task_protocol, ecfg.prompt_chunk, None)
+    ious = {}
+    for name, (encoder, _) in forms.items():
+        base = sams.get(name, sam)
+        mean, std = (base.pixel_mean.flatten().tolist(), base.pixel_std.flatten().tolist())
+        model = Sam(encoder, base.prompt_encoder, base.mask_decoder, mean, std).eval()
+        records = run_images(ds, images, [Model(name, SamPredictor(model))], task, False)
+        ious[name] = {r["id"]: 100 * r["iou"][0] for recs in records for r in recs}
+    ref = ious["fp32_torch"]
+    return {
+        name: {"miou": statistics.fmean(v.values()), **common.paired(ref, v)}
+        for name, v in ious.items()
+    }
+
+
+def summary(rows: list[dict]) -> dict[str, dict]:
+    """Per student model: fp32 ONNX ratio, the fastest int8 form, and the peers against it."""
+    peers = [r for r in rows if r["latency_ratio"] is None]
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in rows if r["latency_ratio"] is not None):
+        forms = {r["variant"]: r for r in rows if r["model"] == model}
+        onnx = forms["fp32_onnx"]
+        entry = {"input": onnx["input"], "fp32_onnx_ratio": onnx["latency_ratio"]}
+        int8 = {k: v for k, v in forms.items() if k.startswith("int8_")}
+        if int8:
+            best = min(int8, key=lambda k: int8[k]["latency_ms"])
+            entry |= {"best_int8": best, "best_int8_speedup": 1 / int8[best]["latency_ratio"]}
+            entry["best_int8_cosine"] = int8[best]["cosine"]
+        entry["peer_onnx_over_fp32_onnx"] = {
+            f"{p['model']}@{p['input']}": p["latency_ms"] / onnx["latency_ms"] for p in peers
+        }
+        out[model] = entry
+    return out
+
+
+def print_tables(rows: list[dict], summ: dict, gt: dict) -> None:
+    header = ["model", "input", "form", "latency ms", "ratio to fp32 torch", "model MB"]
     header += ["embedding cosine", "relative error", "box agreement mIoU"]
-    latency = [(f"{r['latency_ms']:.1f}", f"{r['latency_ratio']:.2f}") for r in rows]
-    agreement = [(f"{r['cosine']:.5f}", f"{r['rel_error']:.4f}") for r in rows]
-    common.print_table(
-        header,
-        (
-            [r["variant"], *t, f"{r['bytes'] / 1e6:.2f}", *a, f"{r['box_agreement_miou']:.1f}"]
-            for r, t, a in zip(rows, latency, agreement, strict=True)
-        ),
-    )
+
+    def cells(r: dict) -> list:
+        ratio, cos = r["latency_ratio"], r.get("cosine")
+        return [
+            r["model"],
+            r["input"],
+            r["variant"],
+            f"{r['latency_ms']:.1f}",
+            "" if ratio is None else f"{ratio:.2f}",
+            f"{r['bytes'] / 1e6:.2f}",
+            "" if cos is None else f"{cos:.5f}",
+            "" if cos is None else f"{r['rel_error']:.4f}",
+            f"{r['box_agreement_miou']:.1f}" if "box_agreement_miou" in r else "",
+        ]
+
+    common.print_table(header, map(cells, rows))
+    for model, s in summ.items():
+        best = (
+            f", fastest int8 {s['best_int8']} {s['best_int8_speedup']:.2f}x"
+            if "best_int8" in s
+            else ""
+        )
+        peers = ", ".join(f"{k} {v:.2f}x" for k, v in s["peer_onnx_over_fp32_onnx"].items())
+        print(f"{model}: fp32 ONNX {s['fp32_onnx_ratio']:.2f}x torch{best}; peers: {peers}")
+    if gt:
+        common.print_table(
+            ["form", "GT mIoU", "- fp32 torch", "instances"],
+            (
+                [k, f"{v['miou']:.2f}", f"{v['mean']:+.2f} +- {v['se']:.2f}", v["n"]]
+                for k, v in gt.items()
+            ),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(DeployBenchConfig, argv, __doc__)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    sam = load_sam(cfg.ckpt)
-    size = sam.image_encoder.img_size
+    models = {}  # label -> ({form: Form}, input side, {form: agreement})
+    sizes, images, gt = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        items = generated_images(work / "scored", cfg.num_images, cfg.seed, size)
-        if cfg.calib_shards:
-            calib = cache_images(cfg.calib_shards, cfg.num_calib, size)
-        else:
-            calib = torch.stack(
-                [
-                    pre.image
-                    for pre, _ in generated_images(
-                        work / "calib", cfg.num_calib, cfg.seed + 1, size
+
+        def inputs(side: int) -> tuple[list, torch.Tensor]:
+            if side not in sizes:
+                items = generated_images(work / f"scored{side}", cfg.num_images, cfg.seed, side)
+                if cfg.calib_shards:
+                    calib = cache_images(cfg.calib_shards, cfg.num_calib, side)
+                else:
+                    more = generated_images(
+                        work / f"calib{side}", cfg.num_calib, cfg.seed + 1, side
                     )
-                ]
+                    calib = torch.stack([pre.image for pre, _ in more])
+                sizes[side] = items, calib
+            return sizes[side]
+
+        if cfg.ckpt:
+            sam = load_sam(cfg.ckpt)
+            side = sam.image_encoder.img_size
+            items, calib = inputs(side)
+            forms = student_forms(sam.image_encoder, work / "ckpt", calib, cfg.int8)
+            more, sams = pruned_forms(cfg, sam.image_encoder, calib)
+            forms |= more
+            label = f"{Path(cfg.ckpt).parent.name}/{Path(cfg.ckpt).name}"
+            models[label] = (forms, side, score(forms, items, sam, sams))
+            if cfg.coco_root:
+                gt = gt_scores(cfg, forms, sam, sams)
+        for name in cfg.students:
+            torch.manual_seed(0)
+            encoder = build_student(name, img_size=cfg.image_size)
+            items, calib = inputs(cfg.image_size)
+            forms = student_forms(encoder, work / name, calib, cfg.int8)
+            models[name] = (forms, cfg.image_size, score(forms, items))
+        for (name, side), form in peer_forms(cfg, work).items():
+            models[f"{name}@{side}"] = ({"fp32_onnx": form}, side, {})
+        calls = {}
+        for model, (forms, side, _) in models.items():
+            if side not in images:
+                pre = generated_images(work / f"timed{side}", 1, cfg.seed, side)[0][0]
+                images[side] = pre.image[None]
+            for form, (encoder, _) in forms.items():
+                calls[model, form] = partial(encode, encoder, images[side])
+        latency = {k: 1e3 * s for k, s in common.interleaved(calls, cfg.repeats, warmup=1).items()}
+    rows = []
+    for model, (forms, side, agreement) in models.items():
+        base = latency.get((model, "fp32_torch"))
+        peer = "@" in model
+        for form, (_, nbytes) in forms.items():
+            ms = latency[model, form]
+            rows.append(
+                {
+                    "model": model.split("@")[0] if peer else model,
+                    "input": side,
+                    "variant": form,
+                    "latency_ms": ms,
+                    "latency_ratio": None if peer else ms / base,
+                    "bytes": nbytes,
+                    **agreement.get(form, {}),
+                }
             )
-        encoders, sizes, sams = build_variants(cfg, sam, work, calib)
-        agreement = score(encoders, sams, sam, items)
-        latency = latencies(encoders, items[0][0].image[None], cfg.repeats)
-    base = latency["fp32_torch"]
-    rows = [
-        {
-            "variant": name,
-            "latency_ms": latency[name],
-            "latency_ratio": latency[name] / base,
-            "bytes": sizes[name],
-            **agreement[name],
-        }
-        for name in encoders
-    ]
-    machine = common.machine_info("cpu")
-    print(
-        json.dumps(machine),
-        f"\n{cfg.ckpt}: {size} px, batch 1, {cfg.num_images} generated images",
-    )
-    print_table(rows)
-    int8 = {r["variant"]: r["latency_ms"] for r in rows if r["variant"].startswith("int8_")}
-    print(f"\nfastest int8 path: {min(int8, key=int8.get)}")
-    common.write_results(cfg.out, {"rows": rows}, cfg, script=__file__, argv=argv)
+    summ = summary(rows)
+    print(json.dumps(common.machine_info("cpu")), f"\nbatch 1, {cfg.num_images} generated images")
+    print_tables(rows, summ, gt)
+    figures = {"rows": rows, "summary": summ, "gt": gt}
+    common.write_results(cfg.out, figures, cfg, script=__file__, argv=argv)
     return 0
 
 

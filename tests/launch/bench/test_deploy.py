@@ -1,4 +1,4 @@
-"""launch/bench/deploy.py in one tiny run: every variant's row, the fp32 reference, real figures."""
+"""launch/bench/deploy.py in tiny runs: every form's row, the fp32 reference, the peers beside\nrandom-weight students, real figures; its flag errors."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
+from eval.scenes.synthetic import make_coco
 from launch.bench import deploy as bench_deploy
 from students import build_student
 from students.export import save_student
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_bench_deploy_rows(tiny_sam, tmp_path, capsys):
     torch.manual_seed(0)
     student = build_student("dfa_t", img_size=64)
@@ -23,8 +23,10 @@ def test_bench_deploy_rows(tiny_sam, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--ckpt", str(ckpt), "--pruned", str(ckpt), "--prune", "mlp:0.5"]
     argv += ["--num-images", "2", "--num-calib", "2", "--repeats", "1", "--out", str(out)]
-    assert bench_deploy.main(argv) == 0
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    make_coco(tmp_path / "held", num_images=2, seed=3)
+    assert bench_deploy.main([*argv, "--coco-root", str(tmp_path / "held")]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
     expected = {"fp32_torch", "fp32_onnx", "int8_onnx_dynamic", "int8_onnx_static", "int8_torch"}
     assert expected <= set(rows) and "pruned:mlp0.5 (not re-distilled)" in rows
     ref = rows["fp32_torch"]
@@ -38,8 +40,62 @@ def test_bench_deploy_rows(tiny_sam, tmp_path, capsys):
     assert itself["rel_error"] == 0.0 and itself["box_agreement_miou"] == 100.0
     pruned = rows["pruned:mlp0.5 (not re-distilled)"]
     assert pruned["bytes"] < ref["bytes"] and pruned["rel_error"] > 1e-3
-    for name in ("int8_onnx_dynamic", "int8_onnx_static", "int8_torch"):
-        assert rows[name]["bytes"] < 0.7 * rows["fp32_onnx"]["bytes"]
+    # Dynamic int8 leaves the neck's convolutions fp32 (measured 0.72 of the fp32 file).
+    for name, share in (("int8_onnx_dynamic", 0.8), ("int8_onnx_static", 0.7), ("int8_torch", 0.7)):
+        assert rows[name]["bytes"] < share * rows["fp32_onnx"]["bytes"]
         assert 0 < rows[name]["rel_error"] < 1 and rows[name]["latency_ms"] > 0
+    # GT mIoU of every form on the held-out scenes, paired per instance with fp32 PyTorch: the
+    # same model again differs by exactly 0, fp32 ONNX by under 0.5 point (masks all but equal).
+    gt = result["gt"]
+    assert (
+        set(gt) == set(rows)
+        and len({v["n"] for v in gt.values()}) == 1
+        and gt["fp32_torch"]["n"] > 0
+    )
+    assert gt[f"pruned:{tmp_path.name}/s.pt"]["mean"] == 0.0 == gt["fp32_torch"]["se"]
+    assert abs(gt["fp32_onnx"]["mean"]) < 0.5 and 0 < gt["fp32_onnx"]["miou"] <= 100
     table = capsys.readouterr().out
-    assert "| int8_onnx_static |" in table and "fastest int8 path: int8_" in table
+    assert "| int8_onnx_static |" in table and "fastest int8 int8_" in table
+
+
+@pytest.mark.slow
+def test_bench_deploy_students_and_peers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--students", "dfa_t", "--peers", "efficientvit_sam_l0", "--image-size", "64"]
+    argv += ["--int8", "onnx_static,torch", "--num-images", "1", "--num-calib", "1"]
+    assert bench_deploy.main([*argv, "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ours = {r["variant"]: r for r in result["rows"] if r["model"] == "dfa_t"}
+    assert set(ours) == {"fp32_torch", "fp32_onnx", "int8_onnx_static", "int8_torch"}
+    assert all(r["input"] == 64 and "box_agreement_miou" not in r for r in ours.values())
+    assert ours["fp32_onnx"]["rel_error"] < 1e-5 < ours["int8_onnx_static"]["rel_error"] < 0.2
+    # The peer at its native 512 px and at the students' 64 px, as ONNX only, no ratio to torch.
+    peers = [r for r in result["rows"] if r["model"] == "efficientvit_sam_l0"]
+    assert sorted(r["input"] for r in peers) == [64, 512]
+    assert all(r["variant"] == "fp32_onnx" and r["latency_ratio"] is None for r in peers)
+    summary = result["summary"]["dfa_t"]
+    int8 = {k: v["latency_ms"] for k, v in ours.items() if k.startswith("int8_")}
+    assert summary["best_int8"] == min(int8, key=int8.get)
+    speedup = ours["fp32_torch"]["latency_ms"] / int8[summary["best_int8"]]
+    assert summary["best_int8_speedup"] == pytest.approx(speedup, rel=1e-9)
+    for r in peers:
+        ratio = r["latency_ms"] / ours["fp32_onnx"]["latency_ms"]
+        assert summary["peer_onnx_over_fp32_onnx"][f"efficientvit_sam_l0@{r['input']}"] == ratio
+    assert "dfa_t: fp32 ONNX" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "--ckpt/--students"),
+        (["--students", "dfa_z"], "--students: unknown ['dfa_z']"),
+        (["--students", "dfa_t", "--peers", "tinyvit"], "--peers: unknown ['tinyvit']"),
+        (["--students", "dfa_t", "--int8", "onnx_int4"], "--int8: unknown ['onnx_int4']"),
+        (["--students", "dfa_t", "--coco-root", "x"], "forms of --ckpt"),
+        (["--students", "dfa_t", "--image-size", "100"], "--image-size 100"),
+    ],
+)
+def test_bench_deploy_flag_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_deploy.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
