@@ -13,7 +13,7 @@ of each, fed the same preprocessed generated images (``eval.scenes.synthetic``):
 * ``fp32_torch``: the encoder in PyTorch (the reference of every ratio and agreement);
 * ``fp32_onnx``: its ONNX (``students.onnx``) through onnxruntime;
 * ``int8_onnx_dynamic`` / ``int8_onnx_static``: ``onnxruntime.quantization`` (``students.quant``),
-  static calibrated on ``--calib-shards`` images or, without a cache, on generated images of
+  static calibrated on ``--calib-shards`` images (``--ckpt``) or on generated images of
   another seed than the scored ones;
 * ``int8_torch``: ``torch.ao`` dynamic quantization of the Linear layers;
 * ``--ckpt`` only: ``pruned:NAME``, each ``--pruned`` student.pt (re-distilled, fp32 PyTorch), or,
@@ -93,7 +93,8 @@ class DeployBenchConfig:
     prune: tuple[str, ...] = ()
     """Prune --ckpt here without re-distillation: target:ratio, comma-separated (heads:0.5)."""
     calib_shards: str | None = None
-    """Teacher cache for static calibration (default: generated images)."""
+    """Teacher cache calibrating --ckpt's static int8 (default, and for --students: generated
+    images)."""
     num_calib: int = 8
     """Calibration images."""
     num_images: int = 8
@@ -304,17 +305,19 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def print_tables(rows: list[dict], summ: dict, gt: dict) -> None:
+def tables(cfg: DeployBenchConfig, rows: list[dict], summ: dict, gt: dict) -> dict:
+    """The docs' tables (caption, header, rows of cells, note), kept in the results JSON and
+    rendered by launch/bench/tables.py."""
     header = ["model", "input", "form", "latency ms", "ratio to fp32 torch", "model MB"]
     header += ["embedding cosine", "relative error", "box agreement mIoU"]
 
     def cells(r: dict) -> list:
         ratio, cos = r["latency_ratio"], r.get("cosine")
         return [
-            r["model"],
+            f"`{r['model']}`" + (" (ONNX)" if ratio is None else ""),
             r["input"],
             r["variant"],
-            f"{r['latency_ms']:.1f}",
+            f"{r['latency_ms']:.0f}",
             "" if ratio is None else f"{ratio:.2f}",
             f"{r['bytes'] / 1e6:.2f}",
             "" if cos is None else f"{cos:.5f}",
@@ -322,23 +325,48 @@ def print_tables(rows: list[dict], summ: dict, gt: dict) -> None:
             f"{r['box_agreement_miou']:.1f}" if "box_agreement_miou" in r else "",
         ]
 
-    common.print_table(header, map(cells, rows))
-    for model, s in summ.items():
-        best = (
-            f", fastest int8 {s['best_int8']} {s['best_int8_speedup']:.2f}x"
-            if "best_int8" in s
-            else ""
+    notes = []
+    for model, m in summ.items():
+        best = ""
+        if "best_int8" in m:
+            best = (
+                f"; the fastest int8 form, {m['best_int8']}, is {m['best_int8_speedup']:.2f}x "
+                f"faster than fp32 PyTorch (embedding cosine {m['best_int8_cosine']:.4f})"
+            )
+        peers = ", ".join(f"{k} {v:.1f}x" for k, v in m["peer_onnx_over_fp32_onnx"].items())
+        peers = f"; peer ONNX latency over ours in fp32 ONNX: {peers}" if peers else ""
+        notes.append(
+            f"`{model}` at {m['input']} px: fp32 ONNX takes {m['fp32_onnx_ratio']:.2f}x the "
+            f"PyTorch encoder's time{best}{peers}."
         )
-        peers = ", ".join(f"{k} {v:.2f}x" for k, v in s["peer_onnx_over_fp32_onnx"].items())
-        print(f"{model}: fp32 ONNX {s['fp32_onnx_ratio']:.2f}x torch{best}; peers: {peers}")
+    caption = (
+        f"Deployed encoder forms at batch 1, {cfg.repeats} interleaved runs of every form of "
+        "every model (median); registered students and peers with random weights, a student.pt "
+        "with its own; cosine and relative error of the embedding against its fp32 PyTorch "
+        f"encoder on {cfg.num_images} generated images."
+    )
+    out = {
+        "forms": {
+            "caption": caption,
+            "header": header,
+            "rows": [cells(r) for r in rows],
+            "note": "\n" + "\n".join(f"- {n}" for n in notes) + "\n",
+        }
+    }
     if gt:
-        common.print_table(
-            ["form", "GT mIoU", "- fp32 torch", "instances"],
-            (
-                [k, f"{v['miou']:.2f}", f"{v['mean']:+.2f} +- {v['se']:.2f}", v["n"]]
-                for k, v in gt.items()
+        out["gt"] = {
+            "caption": (
+                f"GT mIoU of every form of `{cfg.ckpt}` on `{cfg.coco_root}` (GT box, multimask, "
+                "best predicted IoU), paired per instance with fp32 PyTorch, +- one standard error."
             ),
-        )
+            "header": ["form", "GT mIoU", "difference to fp32 torch", "instances", "improved"],
+            "rows": [
+                [k, f"{v['miou']:.2f}", f"{v['mean']:+.2f} +- {v['se']:.2f}", v["n"]]
+                + [f"{100 * v['improved']:.0f}%"]
+                for k, v in gt.items()
+            ],
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,23 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
 
-        def inputs(side: int) -> tuple[list, torch.Tensor]:
+        def inputs(side: int, shards: str | None = None) -> tuple[list, torch.Tensor]:
+            """Scored images and calibration images (``shards``, or generated) at ``side``."""
             if side not in sizes:
-                items = generated_images(work / f"scored{side}", cfg.num_images, cfg.seed, side)
-                if cfg.calib_shards:
-                    calib = cache_images(cfg.calib_shards, cfg.num_calib, side)
-                else:
-                    more = generated_images(
-                        work / f"calib{side}", cfg.num_calib, cfg.seed + 1, side
-                    )
-                    calib = torch.stack([pre.image for pre, _ in more])
-                sizes[side] = items, calib
-            return sizes[side]
+                more = generated_images(work / f"calib{side}", cfg.num_calib, cfg.seed + 1, side)
+                sizes[side] = (
+                    generated_images(work / f"scored{side}", cfg.num_images, cfg.seed, side),
+                    torch.stack([pre.image for pre, _ in more]),
+                )
+            items, calib = sizes[side]
+            return items, cache_images(shards, cfg.num_calib, side) if shards else calib
 
         if cfg.ckpt:
             sam = load_sam(cfg.ckpt)
             side = sam.image_encoder.img_size
-            items, calib = inputs(side)
+            items, calib = inputs(side, cfg.calib_shards)
             forms = student_forms(sam.image_encoder, work / "ckpt", calib, cfg.int8)
             more, sams = pruned_forms(cfg, sam.image_encoder, calib)
             forms |= more
@@ -409,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     summ = summary(rows)
     print(json.dumps(common.machine_info("cpu")), f"\nbatch 1, {cfg.num_images} generated images")
-    print_tables(rows, summ, gt)
-    figures = {"rows": rows, "summary": summ, "gt": gt}
+    made = tables(cfg, rows, summ, gt)
+    for table in made.values():
+        common.print_table(table["header"], table["rows"])
+        print(table.get("note", ""))
+    figures = {"rows": rows, "summary": summ, "gt": gt, "tables": made}
     common.write_results(cfg.out, figures, cfg, script=__file__, argv=argv)
     return 0
 

@@ -55,7 +55,7 @@ def test_bench_deploy_rows(tiny_sam, tmp_path, capsys):
     assert gt[f"pruned:{tmp_path.name}/s.pt"]["mean"] == 0.0 == gt["fp32_torch"]["se"]
     assert abs(gt["fp32_onnx"]["mean"]) < 0.5 and 0 < gt["fp32_onnx"]["miou"] <= 100
     table = capsys.readouterr().out
-    assert "| int8_onnx_static |" in table and "fastest int8 int8_" in table
+    assert "| int8_onnx_static |" in table and "the fastest int8 form, int8_" in table
 
 
 @pytest.mark.slow
@@ -81,7 +81,8 @@ def test_bench_deploy_students_and_peers(tmp_path, capsys):
     for r in peers:
         ratio = r["latency_ms"] / ours["fp32_onnx"]["latency_ms"]
         assert summary["peer_onnx_over_fp32_onnx"][f"efficientvit_sam_l0@{r['input']}"] == ratio
-    assert "dfa_t: fp32 ONNX" in capsys.readouterr().out
+    assert len(result["tables"]["forms"]["rows"]) == len(result["rows"]) == 6
+    assert "`dfa_t` at 64 px: fp32 ONNX takes" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
