@@ -353,6 +353,20 @@ def tables(cfg: DeployBenchConfig, rows: list[dict], summ: dict, gt: dict) -> di
             "note": "\n" + "\n".join(f"- {n}" for n in notes) + "\n",
         }
     }
+    peers = list(dict.fromkeys(k for m in summ.values() for k in m["peer_onnx_over_fp32_onnx"]))
+    out["summary"] = {
+        "caption": caption.split(";")[0] + ".",
+        "header": ["model", "input", "fp32 ONNX / PyTorch time", "fastest int8 form"]
+        + ["its speed-up over fp32 PyTorch", "its embedding cosine"]
+        + [f"`{p}` ONNX / our fp32 ONNX time" for p in peers],
+        "rows": [
+            [f"`{model}`", m["input"], f"{m['fp32_onnx_ratio']:.2f}", m.get("best_int8", "")]
+            + [f"{m['best_int8_speedup']:.2f}x" if "best_int8" in m else ""]
+            + [f"{m['best_int8_cosine']:.4f}" if "best_int8" in m else ""]
+            + [f"{m['peer_onnx_over_fp32_onnx'][p]:.2f}x" for p in peers]
+            for model, m in summ.items()
+        ],
+    }
     if gt:
         out["gt"] = {
             "caption": (

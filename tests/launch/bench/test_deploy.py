@@ -82,6 +82,10 @@ def test_bench_deploy_students_and_peers(tmp_path, capsys):
         ratio = r["latency_ms"] / ours["fp32_onnx"]["latency_ms"]
         assert summary["peer_onnx_over_fp32_onnx"][f"efficientvit_sam_l0@{r['input']}"] == ratio
     assert len(result["tables"]["forms"]["rows"]) == len(result["rows"]) == 6
+    assert result["tables"]["summary"]["rows"][0][-2:] == [
+        f"{summary['peer_onnx_over_fp32_onnx'][f'efficientvit_sam_l0@{side}']:.2f}x"
+        for side in (64, 512)
+    ]
     assert "`dfa_t` at 64 px: fp32 ONNX takes" in capsys.readouterr().out
 
 
