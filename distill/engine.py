@@ -20,18 +20,13 @@ are tested in process on CPU). The learning rate is a pure function of the step
 (`distill.schedule.lr_at`) set before every optimizer step in both. The engine knows nothing
 about teachers, students or adapters.
 
-Checkpoints: `CKPT/stepNNNNNNNN/` per save; `CKPT/latest` names the newest complete one and is
-replaced atomically after every process has written its files, so a crash or a second signal
-during a save leaves the previous checkpoint in force. Job state is split into what every
-process shares (`job_state`) and what is each process's own (`rank_state`: e.g. its data
-streams' positions), gathered into one record.
+Checkpoint save and resume, and the folder layout they keep, live in `distill.checkpoints`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -41,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distill.checkpoints import Checkpointing, latest_tag
 from distill.config import TrainConfig, batch_layout, deepspeed_config, warmup_steps
 from distill.schedule import lr_at
 from teachers.runtime.files import (
@@ -60,38 +56,6 @@ from teachers.runtime.preempt import Preempted, StopRequest
 
 LossFn = Callable[["Engine", dict], dict[str, torch.Tensor]]
 RecordFn = Callable[[int, dict[str, float], float], None]
-LATEST = "latest"
-
-
-def tag_of(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    path = Path(ckpt_dir) / LATEST
-    return path.read_text().strip() if path.exists() else None
-
-
-def _write_latest(ckpt_dir: Path, tag: str) -> None:
-    write_text_atomic(ckpt_dir / LATEST, tag)
-
-
-def _tags(ckpt_dir: Path) -> list[str]:
-    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-
-
-def _drop_unfinished(ckpt_dir: Path) -> None:
-    """Remove checkpoint folders newer than `latest`: saves that a crash cut short."""
-    latest = latest_tag(ckpt_dir) or ""
-    for tag in _tags(ckpt_dir):
-        if tag > latest:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-
-
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the `keep` newest checkpoints (the one `latest` names among them)."""
-    for tag in _tags(ckpt_dir)[:-keep]:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
 def prepare_run_dir(cfg: TrainConfig, rank: int, product: str = "student.pt") -> Path:
@@ -157,10 +121,10 @@ def _init_deepspeed_group(env: DistEnv, device: str) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 
-class Engine:
+class Engine(Checkpointing):
     """What both variants share: the step with accumulation, the non-finite guard, the agreed
-    stop, the learning rate and the checkpoint folder. Subclasses forward, backward, step the
-    optimizer and read and write their own checkpoint files."""
+    stop, the learning rate and the checkpoints (`Checkpointing`). Subclasses forward, backward,
+    step the optimizer and read and write their own checkpoint files."""
 
     def __init__(
         self,
@@ -245,63 +209,6 @@ class Engine:
                 f"{self.step_index + 1}. Lower --lr, use --precision fp32, or check the data."
             )
 
-    def save(
-        self, ckpt_dir: str | Path, step: int, job_state: dict, rank_state: dict | None = None
-    ) -> Path:
-        """Checkpoint the model, optimizer, step and job state as `ckpt_dir/stepNNNNNNNN`, then
-        point `latest` at it (atomically, after every process wrote its part)."""
-        ckpt_dir = Path(ckpt_dir)
-        tag = tag_of(step)
-        gathered = [rank_state or {}]
-        if self.distributed:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, rank_state or {})
-        client = {
-            "step": step,
-            "num_nonfinite": self.num_nonfinite,
-            "config": self.cfg.to_json(),
-            "job": job_state,
-            "ranks": gathered,
-        }
-        if self.env.rank == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _drop_unfinished(ckpt_dir)
-        self.barrier()
-        try:
-            self._save_files(ckpt_dir, tag, client)
-        except BaseException:
-            # a save cut short (a full disk) frees its space; `latest` still names the last good one
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-            raise
-        self.barrier()
-        if self.env.rank == 0:
-            _write_latest(ckpt_dir, tag)
-            _prune(ckpt_dir, self.cfg.keep_checkpoints)
-        self.barrier()
-        return ckpt_dir / tag
-
-    def resume(self, ckpt_dir: str | Path) -> tuple[int, dict | None, dict | None]:
-        """Load the newest checkpoint: (its step, the job state, this process's rank state), or
-        (0, None, None) when there is none."""
-        ckpt_dir = Path(ckpt_dir)
-        tag = latest_tag(ckpt_dir)
-        if tag is None:
-            return 0, None, None
-        client = self._load_files(ckpt_dir, tag)
-        if not {"step", "job", "ranks"} <= set(client):
-            raise ValueError(
-                f"{ckpt_dir / tag} was written by an older trainer (no engine state in it): "
-                "resume it with the version that wrote it, or start a new --out"
-            )
-        self.step_index, self.num_nonfinite = client["step"], client["num_nonfinite"]
-        ranks = client["ranks"]
-        mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else None
-        print(
-            f"rank {self.env.rank}: resumed from {ckpt_dir / tag} at step {client['step']}",
-            flush=True,
-        )
-        return client["step"], client["job"], mine
-
     def run(
         self, batches, ckpt_dir: Path, start: int, record: RecordFn, also_close: tuple = ()
     ) -> None:
@@ -334,11 +241,6 @@ class Engine:
                     "run again with --resume auto to continue"
                 )
 
-    def frozen_names(self) -> set[str]:
-        """Parameters that do not train: left out of checkpoints (they come from the job's
-        inputs, e.g. an adapter's frozen base encoder), so a checkpoint holds what trains."""
-        return {n for n, p in self.model.named_parameters() if not p.requires_grad}
-
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -352,12 +254,6 @@ class Engine:
         raise NotImplementedError
 
     def _backward_and_step(self, loss: torch.Tensor, last: bool) -> None:
-        raise NotImplementedError
-
-    def _save_files(self, ckpt_dir: Path, tag: str, client: dict) -> None:
-        raise NotImplementedError
-
-    def _load_files(self, ckpt_dir: Path, tag: str) -> dict:
         raise NotImplementedError
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import distill.logs
+from distill.checkpoints import latest_tag
 from distill.config import DistillConfig, TrainConfig
-from distill.engine import TorchEngine, build_engine, latest_tag
+from distill.engine import TorchEngine, build_engine
 from distill.schedule import dld_weights, lr_at, step_progress
 from distill.train import train
 from eval.scenes.synthetic import make_coco
