@@ -3,11 +3,7 @@ resume, bad input, and what adaptation buys on the synthetic camouflage domain."
 
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +16,8 @@ from students import load_sam
 from students.adapters import list_adapters
 from students.adapters.export import read_adapted_meta
 from teachers.runtime.files import file_sha256
-from tests.conftest import REPO, killer_script, unplaced_env
+from tests.conftest import killer_script
+from tests.distill.runs import assert_same_columns, read_log, run_adapt
 
 pytestmark = pytest.mark.slow
 
@@ -32,31 +29,16 @@ def domain(tmp_path_factory):
     return make_domain(tmp_path_factory.mktemp("adapt") / "dom", num_train=8, num_val=2, size=64)
 
 
-def _run(*args, launcher=None, script=None, check=True):
-    if launcher == "deepspeed":
-        deepspeed = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29741", "launch/adapt.py"]
-    elif script:
-        cmd = [sys.executable, "-c", script]
-    else:
-        cmd = [sys.executable, "launch/adapt.py"]
-    result = subprocess.run(
-        [*cmd, *args], cwd=REPO, env=unplaced_env(), capture_output=True, text=True, timeout=600
-    )
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def _log(out):
-    with open(out / "log.csv", newline="") as f:
-        return list(csv.DictReader(f))
+def _args(ckpt, data, method: str, steps: int, batch_size: int = 2) -> list[str]:
+    """The flags of a run of `method` from `ckpt` on `data`, all but --out."""
+    return ["--ckpt", str(ckpt), "--data", str(data), "--method", method, "--steps", str(steps),
+            "--batch-size", str(batch_size), *BASE]  # fmt: skip
 
 
 def test_adapt_writes_log_plot_and_an_adapted_pt_for_sam_predictor(domain, tiny_ckpt, tmp_path):
     out = tmp_path / "run"
     args = ["--ckpt", str(tiny_ckpt), "--data", str(domain), "--out", str(out)]
-    result = _run(
+    result = run_adapt(
         *args,
         "--method",
         "lora",
@@ -72,7 +54,7 @@ def test_adapt_writes_log_plot_and_an_adapted_pt_for_sam_predictor(domain, tiny_
         *BASE,
     )
     assert "8 pairs, 0 skipped" in result.stdout and "before adaptation: val IoU" in result.stdout
-    rows = _log(out)
+    rows = read_log(out)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert [bool(r["val_iou"]) for r in rows] == [False, True, False, True]
     assert all(0 <= float(r["val_iou"]) <= 1 for r in rows if r["val_iou"])
@@ -90,7 +72,7 @@ def test_adapt_writes_log_plot_and_an_adapted_pt_for_sam_predictor(domain, tiny_
     predictor.set_image(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     masks, scores, _ = predictor.predict(box=np.array([0, 0, 70, 50]), multimask_output=False)
     assert masks.shape == (1, 50, 70) and np.isfinite(scores).all()
-    again = _run(*args, "--method", "lora", "--steps", "4", *BASE, check=False)
+    again = run_adapt(*args, "--method", "lora", "--steps", "4", *BASE, check=False)
     assert again.returncode == 2 and "--resume auto" in again.stderr
 
 
@@ -99,37 +81,21 @@ def _state(path):
 
 
 def test_sigkill_then_resume_auto_equals_an_uninterrupted_run(domain, tiny_ckpt, tmp_path):
-    args = [
-        "--ckpt",
-        str(tiny_ckpt),
-        "--data",
-        str(domain),
-        "--method",
-        "conv_lora",
-        "--steps",
-        "6",
-        "--batch-size",
-        "2",
-        "--checkpoint-every",
-        "3",
-        "--val-every",
-        "3",
-        *BASE,
-    ]
+    args = _args(tiny_ckpt, domain, "conv_lora", 6)
+    args += ["--checkpoint-every", "3", "--val-every", "3"]
     killed = tmp_path / "killed"
     script = killer_script("launch/adapt.py", kill_at=5)
-    run = _run(*args, "--out", str(killed), script=script, check=False)
+    run = run_adapt(*args, "--out", str(killed), script=script, check=False)
     assert run.returncode == -9, run.stderr[-2000:]
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step00000003"
-    resumed = _run(*args, "--out", str(killed), "--resume", "auto")
+    resumed = run_adapt(*args, "--out", str(killed), "--resume", "auto")
     assert "at step 3" in resumed.stdout
-    _run(*args, "--out", str(tmp_path / "straight"))
-    assert [int(r["step"]) for r in _log(killed)] == list(range(1, 7))
+    run_adapt(*args, "--out", str(tmp_path / "straight"))
+    assert [int(r["step"]) for r in read_log(killed)] == list(range(1, 7))
     a, b = _state(killed / "adapted.pt"), _state(tmp_path / "straight" / "adapted.pt")
     for key in b:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
-    losses = lambda out: [float(r["loss_total"]) for r in _log(out)]  # noqa: E731
-    np.testing.assert_allclose(losses(killed), losses(tmp_path / "straight"), rtol=1e-5)
+    assert_same_columns(read_log(killed), read_log(tmp_path / "straight"), ["loss_total"])
     # The checkpoint holds what trains, not the frozen base encoder it rests on.
     ckpt = next((killed / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))
     module = torch.load(ckpt, weights_only=False)["module"]  # this test's own file
@@ -155,39 +121,21 @@ def test_resume_refuses_another_base(domain, tiny_ckpt, tmp_path):
         "torch",
         *BASE,
     ]
-    _run("--ckpt", str(tiny_ckpt), "--steps", "2", *args)
-    refused = _run("--ckpt", str(other), "--steps", "3", "--resume", "auto", *args, check=False)
+    run_adapt("--ckpt", str(tiny_ckpt), "--steps", "2", *args)
+    refused = run_adapt(
+        "--ckpt", str(other), "--steps", "3", "--resume", "auto", *args, check=False
+    )
     assert refused.returncode == 2
     assert file_sha256(other) in refused.stderr and file_sha256(tiny_ckpt) in refused.stderr
 
 
 def test_one_and_two_processes_give_the_same_losses(domain, tiny_ckpt, tmp_path):
-    args = [
-        "--ckpt",
-        str(tiny_ckpt),
-        "--data",
-        str(domain),
-        "--method",
-        "conv_lora",
-        "--steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--micro-batch-size",
-        "1",
-        "--val-every",
-        "2",
-        "--zero-stage",
-        "1",
-        *BASE,
-    ]
-    _run(*args, "--out", str(tmp_path / "one"))
-    _run(*args, "--out", str(tmp_path / "two"), launcher="deepspeed")
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
-    for column in ("loss_total", "loss_aux"):
-        a = np.array([float(r[column]) for r in one])
-        b = np.array([float(r[column]) for r in two])
-        np.testing.assert_allclose(a, b, rtol=1e-5)
+    args = _args(tiny_ckpt, domain, "conv_lora", 4)
+    args += ["--micro-batch-size", "1", "--val-every", "2", "--zero-stage", "1"]
+    run_adapt(*args, "--out", str(tmp_path / "one"))
+    run_adapt(*args, "--out", str(tmp_path / "two"), launcher="deepspeed")
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert_same_columns(one, two, ["loss_total", "loss_aux"])
     val = lambda rows: [float(r["val_iou"]) for r in rows if r["val_iou"]]  # noqa: E731
     np.testing.assert_allclose(val(one), val(two), atol=1e-6)
 
@@ -199,26 +147,12 @@ def test_bad_training_input_is_counted_or_stops_naming_the_file(domain, tiny_ckp
     shutil.copytree(domain, data)
     (data / "train" / "masks" / "train_00003.png").unlink()  # an image without a mask
     Image.new("L", (20, 20), 255).save(data / "train" / "masks" / "train_00004.png")  # wrong size
-    args = [
-        "--ckpt",
-        str(tiny_ckpt),
-        "--data",
-        str(data),
-        "--method",
-        "decoder",
-        "--steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--engine",
-        "torch",
-        *BASE,
-    ]
-    result = _run(*args, "--out", str(tmp_path / "skip"))
+    args = [*_args(tiny_ckpt, data, "decoder", 4, batch_size=4), "--engine", "torch"]
+    result = run_adapt(*args, "--out", str(tmp_path / "skip"))
     assert "7 pairs, 1 skipped: 1 no_mask" in result.stdout
-    rows = _log(tmp_path / "skip")
+    rows = read_log(tmp_path / "skip")
     assert int(rows[-1]["num_bad"]) == 1  # the wrong-size mask, met and replaced
-    stop = _run(*args, "--out", str(tmp_path / "stop"), "--on-bad", "stop", check=False)
+    stop = run_adapt(*args, "--out", str(tmp_path / "stop"), "--on-bad", "stop", check=False)
     assert stop.returncode == 2 and "train_00003.png" in stop.stderr and "no mask" in stop.stderr
 
 
@@ -229,9 +163,9 @@ def test_adapt_trains_on_coco_instances_with_gt_boxes(tiny_ckpt, tmp_path):
     make_coco(tmp_path / "coco", split="val2017", num_images=2, seed=2)
     args = ["--ckpt", str(tiny_ckpt), "--data", str(tmp_path / "coco"), "--method", "decoder"]
     args += ["--steps", "2", "--batch-size", "2", "--engine", "torch", *BASE]
-    refused = _run(*args, "--out", str(tmp_path / "full"), check=False)
+    refused = run_adapt(*args, "--out", str(tmp_path / "full"), check=False)
     assert refused.returncode == 2 and "--prompt gt_box" in refused.stderr
-    result = _run(*args, "--out", str(tmp_path / "gt"), "--prompt", "gt_box")
+    result = run_adapt(*args, "--out", str(tmp_path / "gt"), "--prompt", "gt_box")
     # one pair per usable instance of the annotation file, crowds and small ones counted apart
     from teachers.mask_folders import MIN_INSTANCE_AREA, coco_split
 
@@ -243,7 +177,7 @@ def test_adapt_trains_on_coco_instances_with_gt_boxes(tiny_ckpt, tmp_path):
     reasons = ", ".join(f"{n} {r}" for r, n in (("crowd", crowd), ("small", small)) if n)
     assert f"train: {usable} pairs, {crowd + small} skipped: {reasons}" in result.stdout
     assert "exported" in result.stdout
-    rows = _log(tmp_path / "gt")
+    rows = read_log(tmp_path / "gt")
     assert [int(r["step"]) for r in rows] == [1, 2]
     # each step's mask loss is computed on its instances (none replaced as bad)
     assert all(np.isfinite(float(r["loss_mask"])) and float(r["loss_mask"]) > 0 for r in rows)
@@ -258,10 +192,10 @@ def test_every_adapter_method_trains_under_the_default_deepspeed_engine(
     trainable parameter: a strided one (META's channels_last prior once) fails there only."""
     out = tmp_path / method
     args = ["--ckpt", str(tiny_ckpt), "--data", str(domain), "--out", str(out)]
-    _run(*args, "--method", method, "--steps", "2", "--batch-size", "2", *BASE)
+    run_adapt(*args, "--method", method, "--steps", "2", "--batch-size", "2", *BASE)
     # DeepSpeed's own checkpoint layout, which the torch engine does not write.
     assert (out / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt").is_file()
-    rows = _log(out)
+    rows = read_log(out)
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(np.isfinite(float(r["loss_total"])) for r in rows)
     assert read_adapted_meta(out / "adapted.pt")["method"] == method

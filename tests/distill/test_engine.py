@@ -17,10 +17,7 @@ from distill.config import DistillConfig, TrainConfig
 from distill.engine import TorchEngine, build_engine
 from distill.schedule import dld_weights, lr_at, step_progress
 from distill.train import train
-from eval.scenes.synthetic import make_coco
 from students.load import load_sam
-from teachers import load_teacher
-from teachers.cache import plan_cache, write_cache
 from teachers.runtime.placement import DistEnv
 from teachers.runtime.preempt import Preempted, StopRequest
 
@@ -209,15 +206,6 @@ def test_torch_engine_refuses_zero_and_several_processes(tmp_path):
 
 
 # The distillation loop on the plain engine, in process.
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("engine")
-    make_coco(root / "coco", num_images=8, seed=3)
-    teacher = load_teacher("vit_tiny", taps=(1, 3))
-    write_cache(teacher, plan_cache(str(root / "coco"), 4), root / "cache", progress=False)
-    return root / "cache"
 
 
 def distill_cfg(cache: Path, out: Path, **overrides) -> DistillConfig:

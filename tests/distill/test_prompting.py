@@ -11,12 +11,10 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from distill.align import AlignLoss
 from distill.prompting import BOX, NONE, POINT, decode, refine_clicks, sample_prompts
-from eval.scenes.synthetic import make_coco
-from teachers import load_teacher
 from teachers.build import random_vit_tiny
-from teachers.cache import plan_cache, write_cache
 from teachers.cache_read import read_cache
 from teachers.preprocess import decode_image
+from tests.distill.runs import tiny_coco_cache
 
 ANN = {
     "annotations": [
@@ -80,11 +78,9 @@ def test_refinement_clicks_land_only_where_student_and_teacher_disagree():
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
+    """Two images, two to a shard: smaller than the distillation tests' cache (conftest.py)."""
     root = tmp_path_factory.mktemp("prompting")
-    make_coco(root / "coco", num_images=2, seed=5)
-    teacher = load_teacher("vit_tiny", taps=(1, 3))
-    write_cache(teacher, plan_cache(str(root / "coco"), 2), root / "cache", progress=False)
-    return root / "cache"
+    return tiny_coco_cache(root, num_images=2, seed=5, per_shard=2)
 
 
 def test_targets_from_the_cached_embedding_equal_sam_predictor_with_the_teacher(cache):

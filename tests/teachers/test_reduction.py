@@ -11,7 +11,6 @@ import webdataset as wds
 
 from eval.scenes.synthetic import make_coco
 from launch.distill import main as distill_main
-from students.load import load_sam
 from teachers import DEFAULT_TAPS, codecs, load_teacher, preprocess
 from teachers.build import TEACHER_SIZES
 from teachers.cache import channel_axis, plan_cache, write_cache
@@ -33,7 +32,7 @@ from teachers.reduction import (
 )
 from teachers.teacher import feature_names
 from tests.conftest import killer_script
-from tests.distill.test_train import BASE, _log, _run
+from tests.distill.runs import BASE, assert_same_encoder, read_log, run_distill
 
 K = 40  # of vit_tiny's 16 x 16 = 256 tokens at 256 px
 MIXED = "embed=fp16,blocks=int8"
@@ -198,22 +197,14 @@ def test_a_cache_from_before_reductions_reads_as_none(teacher, coco_root, tmp_pa
 def test_sigkill_then_resume_on_a_reduced_cache_ends_like_an_uninterrupted_run(reduced, tmp_path):
     args = ["--shards", str(reduced), "--steps", "8", "--batch-size", "4", "--engine", "torch"]
     args += ["--checkpoint-every", "4", "--dld", "uniform", *BASE]
-    killed = _run(
-        *args,
-        "--out",
-        str(tmp_path / "killed"),
-        script=killer_script("launch/distill.py", kill_at=6),
-        check=False,
-    )
+    killer = killer_script("launch/distill.py", kill_at=6)
+    killed = run_distill(*args, "--out", str(tmp_path / "killed"), script=killer, check=False)
     assert killed.returncode == -9
-    resumed = _run(*args, "--out", str(tmp_path / "killed"), "--resume", "auto")
+    resumed = run_distill(*args, "--out", str(tmp_path / "killed"), "--resume", "auto")
     assert "at step 4" in resumed.stdout and "reduction tokens=40" in resumed.stdout
-    _run(*args, "--out", str(tmp_path / "straight"))
-    a = load_sam(tmp_path / "killed" / "student.pt").image_encoder.state_dict()
-    b = load_sam(tmp_path / "straight" / "student.pt").image_encoder.state_dict()
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-    losses = lambda out: [float(r["loss_block1"]) for r in _log(out)]  # noqa: E731
+    run_distill(*args, "--out", str(tmp_path / "straight"))
+    assert_same_encoder(tmp_path / "killed", tmp_path / "straight")
+    losses = lambda out: [float(r["loss_block1"]) for r in read_log(out)]  # noqa: E731
     np.testing.assert_allclose(
         losses(tmp_path / "killed"), losses(tmp_path / "straight"), rtol=1e-5
     )
