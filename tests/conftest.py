@@ -1,9 +1,13 @@
-"""Shared fixtures: a tiny random SAM written in the official checkpoint layout, generated data."""
+"""Shared fixtures: a tiny random SAM written in the official checkpoint layout, generated data,
+one process, tmpfs mounts, and the one-line error every entry point gives."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,29 @@ PLACEMENT = (
 def unplaced_env(**extra: str) -> dict[str, str]:
     """This process's environment without placement variables, plus `extra`."""
     return {k: v for k, v in os.environ.items() if k not in PLACEMENT} | extra
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """An entry point run in this process sees no launcher's placement: one process."""
+    for name in PLACEMENT:
+        monkeypatch.delenv(name, raising=False)
+
+
+def one_error_line(err: str) -> str:
+    """`err` (stderr) holds one line, `error: ...`, and no traceback."""
+    lines = [line for line in err.splitlines() if not line.startswith("WARNING: vit_tiny")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def cache_flags(images: Path) -> list[str]:
+    """launch/cache_teacher.py's flags (no --out) for a vit_tiny cache of `images` on the CPU."""
+    return [
+        "--teacher", "vit_tiny", "--layers", "1,3", "--images", str(images),
+        "--samples-per-shard", "4", "--workers", "0", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +97,36 @@ def killer_script(entry: str, kill_at: int) -> str:
         runpy.run_path({entry!r}, run_name="__main__")
         """
     )
+
+
+def _tmpfs(path: Path, size: str, *options: str) -> None:
+    """Mount a tmpfs of `size` at `path` (as root), or skip saying why, loudly."""
+    reason = None
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        reason = "mounting a tmpfs needs root and mount(8): run the tests as root"
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ",".join([f"size={size}", *options])
+        cmd = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
+        if done.returncode != 0:
+            reason = f"cannot mount a tmpfs at {path}: {done.stderr.strip()}"
+    if reason is not None:  # in the warnings summary too, not only under -rs
+        warnings.warn(f"read-only and full-disk tests NOT RUN: {reason}", stacklevel=2)
+        pytest.skip(f"NOT RUN: {reason}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`tmpfs(size, *options)`: a fresh tmpfs mount under tmp_path, unmounted after the test."""
+    points: list[Path] = []
+
+    def mount(size: str, *options: str) -> Path:
+        point = tmp_path / f"tmpfs{len(points)}"
+        _tmpfs(point, size, *options)
+        points.append(point)
+        return point
+
+    yield mount
+    for point in reversed(points):
+        subprocess.run(["umount", "-l", str(point)], check=False, timeout=60)
