@@ -342,6 +342,18 @@ def _annotation(mask: np.ndarray, category_id: int, ann_id: int, image_id: int) 
     )
 
 
+def _provenance(generator: str, seed: int, **fields) -> dict:
+    """How scenes were made, as their json record keeps it: this module's `generator` function,
+    its version, scikit-image's (whose photographs the scenes cut), the seed, then `fields`."""
+    return dict(
+        generator=f"eval.scenes.photos.{generator}",
+        version=VERSION,
+        scikit_image=skimage.__version__,
+        seed=seed,
+        **fields,
+    )
+
+
 def _record(path: Path, key: str, params: dict) -> None:
     """Set `key` of the json object in `path` (made if missing) to `params`: train and held
     written into one root each keep their entry."""
@@ -384,11 +396,9 @@ def make_photo_coco(
             annotations.append(
                 _annotation(labels == k, category_id, len(annotations) + 1, image_id)
             )
-    params = dict(
-        generator="eval.scenes.photos.scene",
-        version=VERSION,
-        scikit_image=skimage.__version__,
-        seed=seed,
+    params = _provenance(
+        "scene",
+        seed,
         split=split,
         num_images=num_images,
         min_side=min_side,
@@ -428,11 +438,9 @@ def make_camouflage_domain(
         offset = VAL_OFFSET if split == "val" else 0
         return camouflage_scene("held", offset + i, seed, size, size)
 
-    params = dict(
-        generator="eval.scenes.photos.camouflage_scene",
-        version=VERSION,
-        scikit_image=skimage.__version__,
-        seed=seed,
+    params = _provenance(
+        "camouflage_scene",
+        seed,
         size=size,
         num_train=num_train,
         num_val=num_val,

@@ -21,6 +21,12 @@ def _run(dataset: str, *args: str) -> int:
     return main(dataset, [*map(str, args), "--no-progress"])
 
 
+def _lvis_inputs(ckpt: Path, coco: Path, lvis: Path) -> list:
+    """The flags that name an LVIS evaluation's inputs: the checkpoint, COCO's images (where
+    LVIS's live) and LVIS's annotations."""
+    return ["--ckpt", ckpt, "--coco-root", coco, "--lvis-root", lvis]
+
+
 def _instances(out: Path) -> list[dict]:
     lines = Path(f"{out}.instances.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
@@ -113,20 +119,7 @@ def test_edgesam_protocol_and_lvis(
     assert summary["num_instances"] == _ann_count(eval_coco, crowd=False)
     assert not summary["protocol"]["include_crowd"] and not summary["protocol"]["multimask_output"]
     out = tmp_path / "lvis.json"
-    assert (
-        _run(
-            "lvis",
-            "--ckpt",
-            tiny_ckpt,
-            "--coco-root",
-            eval_coco,
-            "--lvis-root",
-            eval_lvis,
-            "--out",
-            out,
-        )
-        == 0
-    )
+    assert _run("lvis", *_lvis_inputs(tiny_ckpt, eval_coco, eval_lvis), "--out", out) == 0
     lvis = json.loads((eval_lvis / "lvis_v1_val.json").read_text())
     assert json.loads(out.read_text())["num_instances"] == len(lvis["annotations"])
 
@@ -230,17 +223,8 @@ def _wait(proc: subprocess.Popen) -> str:
 def test_two_processes_equal_one(
     eval_coco: Path, eval_lvis: Path, tiny_ckpt: Path, tmp_path: Path
 ) -> None:
-    args = [
-        "--ckpt",
-        tiny_ckpt,
-        "--coco-root",
-        eval_coco,
-        "--lvis-root",
-        eval_lvis,
-        "--prompt",
-        "point",
-    ]
-    args += ["--num-clicks", "2"]
+    args = _lvis_inputs(tiny_ckpt, eval_coco, eval_lvis)
+    args += ["--prompt", "point", "--num-clicks", "2"]
     single = tmp_path / "single.json"
     _wait(_cli("lvis", *args, "--out", single))
     # Two ranks at once, without torch.distributed: whichever finishes last merges.

@@ -31,11 +31,6 @@ def coco_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def teacher(tiny_ckpt):
-    return load_teacher("vit_tiny", tiny_ckpt, taps=(1, 3))
-
-
 def _cache(teacher, images, out, **kw):
     plan = plan_cache(str(images), kw.pop("samples_per_shard", 3), kw.pop("limit", None))
     return write_cache(teacher, plan, out, progress=False, **kw)

@@ -8,7 +8,7 @@ import webdataset as wds
 
 from eval.scenes.synthetic import make_coco
 from launch.distill import main as distill_main
-from teachers import DEFAULT_TAPS, codecs, load_teacher, preprocess
+from teachers import DEFAULT_TAPS, codecs, preprocess
 from teachers.build import TEACHER_SIZES
 from teachers.cache import channel_axis, plan_cache, write_cache
 from teachers.cache_cli import main as cache_main
@@ -26,11 +26,6 @@ def coco_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     make_coco(root, num_images=4, seed=0)
     return root
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_ckpt):
-    return load_teacher("vit_tiny", tiny_ckpt, taps=(1, 3))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 
 import teachers.manifest as manifest_module
 from eval.scenes.synthetic import make_coco
-from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
 from teachers.cache_read import load_manifest, read_cache, verify_cache
 from teachers.manifest import (
@@ -36,11 +35,6 @@ def coco_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     make_coco(root, num_images=6, seed=0)
     return root
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_ckpt):
-    return load_teacher("vit_tiny", tiny_ckpt, taps=(1, 3))
 
 
 def _no_flock(*_args, **_kwargs):

@@ -1,4 +1,5 @@
 import collections
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,15 +86,21 @@ def test_bad_taps_and_names(tiny_ckpt):
 # --- strict, safe checkpoint loading -------------------------------------------------------
 
 
-def _state(tiny_sam):
-    return collections.OrderedDict((k, v.clone()) for k, v in tiny_sam.state_dict().items())
+def _save_changed(path: Path, tiny_sam, changes: dict) -> Path:
+    """tiny_sam's state dict, copied, with `changes` (key -> new value, or None to remove the
+    key), saved at `path` in the official layout."""
+    state = collections.OrderedDict((k, v.clone()) for k, v in tiny_sam.state_dict().items())
+    for key, value in changes.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    torch.save(state, path)
+    return path
 
 
 def test_missing_key_is_named(tmp_path, tiny_sam):
-    state = _state(tiny_sam)
-    del state["image_encoder.neck.0.weight"]
-    path = tmp_path / "missing.pth"
-    torch.save(state, path)
+    path = _save_changed(tmp_path / "missing.pth", tiny_sam, {"image_encoder.neck.0.weight": None})
     with pytest.raises(
         ValueError,
         match=r"missing.pth does not match SAM vit_tiny: missing keys: image_encoder\.neck\.0\.weight",
@@ -102,19 +109,15 @@ def test_missing_key_is_named(tmp_path, tiny_sam):
 
 
 def test_unexpected_key_is_named(tmp_path, tiny_sam):
-    state = _state(tiny_sam)
-    state["image_encoder.extra.weight"] = torch.zeros(3)
-    path = tmp_path / "extra.pth"
-    torch.save(state, path)
+    extra = {"image_encoder.extra.weight": torch.zeros(3)}
+    path = _save_changed(tmp_path / "extra.pth", tiny_sam, extra)
     with pytest.raises(ValueError, match=r"unexpected keys: image_encoder\.extra\.weight"):
         load_teacher("vit_tiny", path)
 
 
 def test_wrong_architecture_names_shape_mismatch(tmp_path, tiny_sam):
-    state = _state(tiny_sam)
-    state["mask_decoder.iou_token.weight"] = torch.zeros(1, 128)
-    path = tmp_path / "shape.pth"
-    torch.save(state, path)
+    wrong = {"mask_decoder.iou_token.weight": torch.zeros(1, 128)}
+    path = _save_changed(tmp_path / "shape.pth", tiny_sam, wrong)
     with pytest.raises(
         ValueError,
         match=r"shape mismatches: mask_decoder\.iou_token\.weight \(1, 128\) != \(1, 256\)",
@@ -127,10 +130,7 @@ class Payload:
 
 
 def test_pickled_object_is_refused(tmp_path, tiny_sam):
-    state = _state(tiny_sam)
-    state["image_encoder.evil"] = Payload()
-    path = tmp_path / "pickled.pth"
-    torch.save(state, path)
+    path = _save_changed(tmp_path / "pickled.pth", tiny_sam, {"image_encoder.evil": Payload()})
     with pytest.raises(
         ValueError,
         match=r"pickled.pth: refusing to load: the file holds a pickled object \(.*Payload\)",
