@@ -19,17 +19,18 @@ _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 sys.path.insert(0, str(_here.parent))
 
-import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 from eval.scenes.photos import make_camouflage_domain, make_photo_coco  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 from teachers.cache import plan_cache, write_cache  # noqa: E402
 from teachers.cache_read import read_cache, verify_cache  # noqa: E402
+from teachers.runtime.flags import parse_config  # noqa: E402
 from teachers.sam_mini import SAM_MINI_PATH  # noqa: E402
 
 REPO = _here.parent
@@ -179,29 +180,30 @@ NEXT_STEPS = (
 )
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--num-images", type=int, default=64, help="training scenes cached (default 64)")
-    p.add_argument("--held-images", type=int, default=24, help="held-out scenes (default 24)")
-    p.add_argument("--steps", type=int, default=150, help="distillation steps (default 150)")
-    p.add_argument("--processes", type=int, default=2, help="distillation processes (default 2)")
-    p.add_argument(
-        "--phase2-steps", type=int, default=20, help="phase-2 alignment steps (default 20)"
-    )
-    p.add_argument("--adapt-steps", type=int, default=60, help="adaptation steps (default 60)")
-    p.add_argument(
-        "--speed-models",
-        default="dfa_t,dfa_s,dfa_b,vit_b,mobilesam_vit_t,efficientvit_sam_l0",
-        help="models of the speed table (vit_h takes minutes on a CPU: add it for the full table)",
-    )
-    return p.parse_args(argv)
+@dataclass
+class DemoConfig:
+    """The demo's scale and where it writes."""
+
+    out: str = "runs/demo"
+    """Output folder."""
+    num_images: int = 64
+    """Training scenes cached."""
+    held_images: int = 24
+    """Held-out scenes."""
+    steps: int = 150
+    """Distillation steps."""
+    processes: int = 2
+    """Distillation processes."""
+    phase2_steps: int = 20
+    """Phase-2 alignment steps."""
+    adapt_steps: int = 60
+    """Adaptation steps."""
+    speed_models: str = "dfa_t,dfa_s,dfa_b,vit_b,mobilesam_vit_t,efficientvit_sam_l0"
+    """Models of the speed table (vit_h takes minutes on a CPU: add it for the full table)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    args = parse_config(DemoConfig, argv, __doc__)
     out = Path(args.out)
     start = time.time()
 
