@@ -158,15 +158,38 @@ def test_no_import_circles():
     assert not circles
 
 
+def _bench_helper(module: str) -> bool:
+    """The wing's shared helper: the package and its modules."""
+    return module == BENCH_HELPER or module.startswith(f"{BENCH_HELPER}.")
+
+
+def _own_parts(module: str, name: str) -> bool:
+    """`name` is the private package of `module`'s benchmark: launch/bench/NAME.py and
+    launch/bench/_NAME/ are one benchmark."""
+    bench = module.split(".")[2].lstrip("_")
+    return name == f"{BENCH_WING}._{bench}" or name.startswith(f"{BENCH_WING}._{bench}.")
+
+
 def test_benchmarks_share_one_helper_and_import_nothing_of_one_another():
+    graph = import_graph()
     wrong = [
         f"{module} imports {name}"
-        for module, names in import_graph().items()
-        if module.startswith(f"{BENCH_WING}.") and module != BENCH_HELPER
+        for module, names in graph.items()
+        if module.startswith(f"{BENCH_WING}.")
         for name in sorted(names)
-        if name.split(".")[0] == "launch" and name != BENCH_HELPER
+        if name.split(".")[0] == "launch"
+        and not _bench_helper(name)
+        and not _own_parts(module, name)
     ]
     assert not wrong
+    # the helper knows no benchmark: it imports only its own modules of the wing
+    assert not [
+        (m, n)
+        for m, names in graph.items()
+        if _bench_helper(m)
+        for n in names
+        if n.startswith(f"{BENCH_WING}.") and not _bench_helper(n)
+    ]
 
 
 def test_the_evaluation_core_does_not_import_its_command_line():

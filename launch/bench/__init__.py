@@ -13,7 +13,7 @@
   against a ViT block;
 * `deploy.py`: ONNX fp32/int8, PyTorch int8 and pruned students against the fp32 student.
 
-They share one helper, `common.py` (timing, peak memory, machine facts, child processes, the
+They share one helper package, `common/` (measuring, the encoders, runs, paired comparisons and the
 results JSON), take their flags from a config dataclass (`teachers.runtime.flags`), and import
 nothing of one another.
 """

@@ -1,4 +1,4 @@
-"""The benchmark wing's shared helper (`launch/bench/common.py`): interleaved timing, the results
+"""The benchmark wing's shared helper (`launch/bench/common/`): interleaved timing, the results
 JSON, and a function run in a child process."""
 
 from __future__ import annotations
