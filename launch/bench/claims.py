@@ -32,7 +32,7 @@ Arms (the questions of the plot's panels):
   in GT mIoU against the fp32 student.
 - adapters: every registered adapter method (`students.adapters`) trained `--extra-steps` from the
   distilled student on a camouflage domain (held-out photographs, each object cut from its own
-  background) and scored by eval/masks.py on its val split: the gain over the un-adapted student
+  background; the mask's box as the prompt) and scored by eval/masks.py on its val split: the gain over the un-adapted student
   and over `decoder` (the mask decoder alone), with trainable parameters, saved-activation bytes
   and encoder latency against the student's.
 

@@ -187,7 +187,9 @@ def arm_deploy(cfg, work: Path) -> dict:
 
 
 # The adapters train on a camouflage domain at the arms' extra steps and batch, each method with
-# its defaults and the same learning rate; CAD at the width and input size its CPU runs use.
+# its defaults and the same learning rate; CAD at the width and input size its CPU runs use. The
+# box prompt is the mask's: the distilled student does not find a camouflaged object unprompted
+# (under the full-image box the mask loss shrinks its masks towards empty; students/README.md).
 ADAPT_OPTIONS = {"cad": "width=32,input_size=128"}
 
 
@@ -198,7 +200,7 @@ def camouflage(cfg, work: Path) -> Path:
     root = work / "domain"
     if not (root / "val").exists():
         s = cfg.sizes
-        num_train, num_val = max(4, s["train_images"] // 8), max(2, s["held_images"] // 2)
+        num_train, num_val = s["train_images"], s["held_images"]
         make_camouflage_domain(root, num_train=num_train, num_val=num_val, size=256)
     return root
 
@@ -212,6 +214,7 @@ def adapt(cfg, work: Path, method: str, start: Path, domain: Path) -> Path:
         args += ["--out", str(run), "--steps", steps, "--batch-size", str(cfg.sizes["batch_size"])]
         args += ["--seed", str(cfg.seed), "--engine", "torch", "--workers", "0", "--no-progress"]
         args += ["--device", "cpu", "--val-every", steps, "--checkpoint-every", steps]
+        args += ["--prompt", "gt_box"]
         args += ["--options", ADAPT_OPTIONS[method]] if method in ADAPT_OPTIONS else []
         args += ["--resume", "auto"] if (run / "checkpoints").exists() else []
         common.run_entry("launch/adapt.py", args, run.with_suffix(".log"))
@@ -220,13 +223,14 @@ def adapt(cfg, work: Path, method: str, start: Path, domain: Path) -> Path:
 
 def domain_scores(work: Path, method: str, ckpt: Path, start: Path, domain: Path) -> tuple:
     """IoU x 100 per val image of the adapted model and of the un-adapted student (eval/masks.py,
-    full-image box as in training), kept in work/eval."""
+    the mask's box as in training), kept in work/eval."""
     from eval.config import MaskEvalConfig
     from eval.masks import evaluate
 
     path = work / "eval" / f"adapt_{method}.json"
     if not path.exists():
         cfg = MaskEvalConfig(ckpt=str(ckpt), compare_ckpt=str(start), data=str(domain))
+        cfg.prompt = "gt_box"
         cfg.device, cfg.progress = "cpu", False
         report = evaluate(cfg)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,8 +78,8 @@ def adapter_table(result: dict) -> dict:
     first = next(iter(arm.values()))
     s = result["setup"]
     caption = (
-        f"Adapters on the camouflage domain ({first['n']} val images, full-image box): each "
-        f"method {s['extra_steps']} steps at batch {s['batch_size']} from the distilled `dfa_t`; "
+        f"Adapters on the camouflage domain ({first['n']} val images, the mask's box as the "
+        f"prompt): each method {s['extra_steps']} steps at batch {s['batch_size']} from the distilled `dfa_t`; "
         f"val IoU x 100, gains paired per image +- one standard error (the un-adapted student: "
         f"{first['base_miou']:.1f}). Saved bytes: what autograd keeps in one training forward of "
         "one 512-px image; latency: the adapted encoder's CPU time over the student's."
