@@ -43,7 +43,6 @@ sys.path.insert(0, str(_here.parents[1]))
 
 import io  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from functools import partial  # noqa: E402
@@ -260,29 +259,17 @@ def score(forms: dict[str, Form], items: list[tuple], sam=None, sams=None) -> di
     return rows
 
 
-def gt_scores(cfg: DeployBenchConfig, forms: dict[str, Form], sam, sams: dict) -> dict:
-    """GT IoU x 100 per --coco-root instance of every form (eval's loop and protocol: GT box,
-    multimask, best predicted IoU kept), its mean, and paired against ``fp32_torch``."""
-    from eval.config import EvalConfig
-    from eval.evaluate import load_dataset, select_images
-    from eval.runner import Model, Task, run_images
-
-    ecfg = EvalConfig(dataset="coco", ckpt=cfg.ckpt, coco_root=cfg.coco_root)
-    ds = load_dataset(ecfg)
-    images, _ = select_images(ecfg, ds)
-    task = Task(ecfg.prompt, ecfg.num_clicks, ecfg.task_protocol, ecfg.prompt_chunk, None)
+def gt_scores(cfg: DeployBenchConfig, forms: dict[str, Form], sam, sams: dict, work: Path) -> dict:
+    """GT IoU x 100 per --coco-root instance of every form (`common.memory_scores`: eval's loop
+    and protocol), compared paired with ``fp32_torch`` (`common.compare`)."""
     ious = {}
-    for name, (encoder, _) in forms.items():
+    for i, (name, (encoder, _)) in enumerate(forms.items()):
         base = sams.get(name, sam)
         mean, std = (base.pixel_mean.flatten().tolist(), base.pixel_std.flatten().tolist())
-        model = Sam(encoder, base.prompt_encoder, base.mask_decoder, mean, std).eval()
-        records = run_images(ds, images, [Model(name, SamPredictor(model))], task, False)
-        ious[name] = {r["id"]: 100 * r["iou"][0] for recs in records for r in recs}
-    ref = ious["fp32_torch"]
-    return {
-        name: {"miou": statistics.fmean(v.values()), **common.paired(ref, v)}
-        for name, v in ious.items()
-    }
+        model = Sam(encoder, base.prompt_encoder, base.mask_decoder, mean, std)
+        path = work / "gt" / f"{i}.json"
+        ious[name] = common.memory_scores(path, name, model, cfg.ckpt, cfg.coco_root)
+    return {name: common.compare(ious["fp32_torch"], v) for name, v in ious.items()}
 
 
 def summary(rows: list[dict]) -> dict[str, dict]:
@@ -375,7 +362,7 @@ def tables(cfg: DeployBenchConfig, rows: list[dict], summ: dict, gt: dict) -> di
             ),
             "header": ["form", "GT mIoU", "difference to fp32 torch", "instances", "improved"],
             "rows": [
-                [k, f"{v['miou']:.2f}", f"{v['mean']:+.2f} +- {v['se']:.2f}", v["n"]]
+                [k, f"{v['new_miou']:.2f}", f"{v['mean']:+.2f} +- {v['se']:.2f}", v["n"]]
                 + [f"{100 * v['improved']:.0f}%"]
                 for k, v in gt.items()
             ],
@@ -413,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{Path(cfg.ckpt).parent.name}/{Path(cfg.ckpt).name}"
             models[label] = (forms, side, score(forms, items, sam, sams))
             if cfg.coco_root:
-                gt = gt_scores(cfg, forms, sam, sams)
+                gt = gt_scores(cfg, forms, sam, sams, work)
         for name in cfg.students:
             torch.manual_seed(0)
             encoder = build_student(name, img_size=cfg.image_size)

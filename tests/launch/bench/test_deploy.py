@@ -53,7 +53,7 @@ def test_bench_deploy_rows(tiny_sam, tmp_path, capsys):
         and gt["fp32_torch"]["n"] > 0
     )
     assert gt[f"pruned:{tmp_path.name}/s.pt"]["mean"] == 0.0 == gt["fp32_torch"]["se"]
-    assert abs(gt["fp32_onnx"]["mean"]) < 0.5 and 0 < gt["fp32_onnx"]["miou"] <= 100
+    assert abs(gt["fp32_onnx"]["mean"]) < 0.5 and 0 < gt["fp32_onnx"]["new_miou"] <= 100
     table = capsys.readouterr().out
     assert "| int8_onnx_static |" in table and "the fastest int8 form, int8_" in table
 
