@@ -36,8 +36,21 @@ from teachers.sam_mini import SAM_MINI_PATH  # noqa: E402
 REPO = _here.parent
 
 
-def banner(text: str) -> None:
+STARTS: list[tuple[str, float]] = []  # (stage, time.time() at its banner)
+
+
+def banner(text: str, short: str) -> None:
+    """Print a stage's title and note when it started under its `short` name (the summary's
+    time row)."""
+    STARTS.append((short, time.time()))
     print(f"\n=== {text} ===", flush=True)
+
+
+def time_line(start: float) -> str:
+    """'T s in all: stage S s, ...' from the stages' start times."""
+    ends = [t for _, t in STARTS[1:]] + [time.time()]
+    parts = [f"{name} {end - t:.0f} s" for (name, t), end in zip(STARTS, ends, strict=True)]
+    return f"{time.time() - start:.1f} s in all: " + ", ".join(parts[:-1])
 
 
 def distill(out: Path, steps: int, processes: int) -> list[dict[str, str]]:
@@ -219,29 +232,34 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     start = time.time()
 
-    banner("1. scenes from real photographs (COCO format, exact instance masks)")
+    banner("1. scenes from real photographs (COCO format, exact instance masks)", "scenes")
     make_photo_coco(out / "train", "train", args.num_images, seed=1)
     held = make_photo_coco(out / "held", "held", args.held_images, seed=1)
     print(
         f"{args.num_images} training scenes in {out / 'train'}; {args.held_images} held-out: {held}"
     )
 
-    banner("2. teacher-feature cache")
+    banner("2. teacher-feature cache", "cache")
     manifest, report, num_bytes, shapes = cache_stage(out)
 
-    banner("3. distillation (DeepSpeed, CPU)")
+    banner("3. distillation (DeepSpeed, CPU)", "distillation")
     log = distill(out, args.steps, args.processes)
 
-    banner("4. COCO-protocol evaluation on held-out scenes (box prompts), student beside teacher")
+    banner(
+        "4. COCO-protocol evaluation on held-out scenes (box prompts), student beside teacher",
+        "evaluation",
+    )
     figures = evaluate(out, out / "run" / "student.pt", "eval")
 
-    banner("4b. phase 2: decoder alignment from the student, same prompts")
+    banner("4b. phase 2: decoder alignment from the student, same prompts", "phase 2")
     aligned = phase_two(out, args.phase2_steps)
 
-    banner("5. adaptation to a generated camouflage domain (CAD on the frozen student)")
+    banner(
+        "5. adaptation to a generated camouflage domain (CAD on the frozen student)", "adaptation"
+    )
     adapted = adapt(out, args.adapt_steps)
 
-    banner("6. speed table (1024 x 1024, CPU, random weights)")
+    banner("6. speed table (1024 x 1024, CPU, random weights)", "speed")
     run_script(
         "launch/bench/speed.py",
         "--models",
@@ -255,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     speed = {r["model"]: r for r in json.loads((out / "speed.json").read_text())["models"]}
 
-    banner("summary")
+    banner("summary", "summary")
     stages = dict(manifest=manifest, report=report, num_bytes=num_bytes, shapes=shapes, log=log)
     rows = summary(out, args, stages, figures, adapted, speed)
     rows.insert(-2, ("phase 2", phase_two_line(out, args, figures, aligned)))
-    rows.append(("time", f"{time.time() - start:.1f} s"))
+    rows.append(("time", time_line(start)))
     for name, value in rows:
         print(f"{name:>20}  {value}")
     print(NEXT_STEPS)
