@@ -158,7 +158,8 @@ def adapters_table(encoders: tuple[str, ...] = ("dfa_s", "vit_b")) -> str:
 
 SA1B_IMAGES_PER_PERCENT = 112_000  # 10 SA-1B tars, the peers' "1%"
 CACHE_SETTINGS = [(c, "none") for c in ("fp16", "bf16", "int8", "embed=fp16,blocks=int8")]
-CACHE_SETTINGS += [("embed=fp16,blocks=int8", "tokens=256"), ("fp16", "tokens=256")]
+CACHE_SETTINGS += [("embed=fp16,blocks=int8", t) for t in ("tokens=256", "tokens=64")]
+CACHE_SETTINGS += [("int8", "tokens=256"), ("fp16", "tokens=256")]
 
 
 def cache_bytes_table() -> str:

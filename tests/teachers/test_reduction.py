@@ -100,7 +100,17 @@ def vit_h_bytes(spec: str, reduce: str) -> dict[str, int]:
     return sample_nbytes(grid, widths, codecs.parse_codecs(spec, fields), reduce)
 
 
-def test_vit_h_taps_at_256_tokens_int8_fit_in_2_5_mb():
+def test_the_recipes_vit_h_sample_with_taps_fits_in_2_5_mb():
+    # the full-scale recipe: --codec int8 --reduction tokens=256 (README.md, launch/slurm/)
+    recipe = vit_h_bytes("int8", "tokens=256")
+    assert recipe["embed"] == 256 * 64 * 64 + 64 * 64 * 4 == 1_064_960  # int8, a scale a token
+    assert sum(recipe.values()) == 1_064_960 + 1_315_840 == 2_380_800 <= 2_500_000
+    # the other setting under 2.5 MB: the fp16 embedding with the taps at 64 tokens
+    assert sum(vit_h_bytes(MIXED, "tokens=64").values()) == 2_426_112 <= 2_500_000
+    assert sum(vit_h_bytes(MIXED, "tokens=256").values()) == 3_412_992 > 2_500_000
+
+
+def test_vit_h_taps_at_256_tokens_int8():
     full = vit_h_bytes(MIXED, "none")
     assert sum(full.values()) == 23_134_208  # the mixed codec's whole sample, as before
     reduced = vit_h_bytes(MIXED, "tokens=256")
@@ -136,6 +146,37 @@ def test_the_shards_hold_the_bytes_the_shapes_give(reduced, teacher):
         assert json.loads(raw["json"])["reduction"] == f"tokens={K}"
         num += 1
     assert num == 4
+
+
+def test_an_int8_embedding_with_reduced_taps_is_recorded_held_and_read_back(
+    teacher, coco_root, tmp_path
+):
+    """The recipe's cache: every field int8, the taps at K tokens."""
+    manifest = write_cache(
+        teacher,
+        plan_cache(str(coco_root), 4, limit=4),
+        tmp_path,
+        codec="int8",
+        reduce=f"tokens={K}",
+        progress=False,
+    )
+    assert manifest["codec"] == "int8" and manifest["reduction"] == f"tokens={K}"
+    assert manifest["codecs"] == dict.fromkeys(("embed", "block1", "block3"), "int8")
+    expected = sum(
+        sample_nbytes(16, {"block1": 64, "block3": 64}, manifest["codecs"], f"tokens={K}").values()
+    )
+    for raw in wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False):
+        arrays = [codecs.from_npy_bytes(v) for k, v in raw.items() if k.endswith(".npy")]
+        assert sum(a.nbytes for a in arrays) == expected
+    samples = list(read_cache(tmp_path, codec="int8", reduction=f"tokens={K}"))
+    assert len(samples) == 4
+    for s in samples:
+        pre = preprocess(decode_image(s.image), 256)
+        ref = teacher(pre.image[None])["embed"][0]
+        bound = codecs.error_bound(ref, "int8", channel_axis("embed")) + SLACK * (1 + ref.abs())
+        err = (s.features["embed"] - ref).abs()
+        assert (err <= bound).all() and err.max() > 0  # int8, within its bound
+        assert s.features["block1"].shape == (K, 64)
 
 
 def test_reduced_taps_are_the_teachers_at_the_stored_tokens(reduced, teacher):
