@@ -10,6 +10,7 @@ import re
 import pytest
 
 from launch.bench import tables
+from launch.bench._tables import measured
 from tests.conftest import REPO
 
 
@@ -71,7 +72,7 @@ SAM_MINI = {  # as launch/bench/reference_teacher.py writes it
 
 
 def test_the_reference_teacher_table_reads_its_file_when_present(tmp_path, monkeypatch):
-    monkeypatch.setattr(tables, "SAM_MINI_RESULTS", tmp_path / "sam_mini.json")
+    monkeypatch.setattr(measured, "SAM_MINI_RESULTS", tmp_path / "sam_mini.json")
     assert tables.sam_mini_table() == ""  # absent: an empty block
     (tmp_path / "sam_mini.json").write_text(json.dumps(SAM_MINI))
     text = tables.sam_mini_table()
