@@ -81,6 +81,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "cache_fidelity": stored_table("cache_fidelity", "fidelity"),
     "claims": stored_table("claims", "claims"),
     "claims_headline": claims_headline,
+    "claims_adapters": stored_table("claims", "adapters"),
 }
 # The results file (launch/bench/results/NAME.json) behind each measured table.
 MEASURED = {
@@ -97,6 +98,7 @@ MEASURED = {
     "cache_fidelity": "cache_fidelity",
     "claims": "claims",
     "claims_headline": "claims",
+    "claims_adapters": "claims",
 }
 
 
