@@ -82,6 +82,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "claims": stored_table("claims", "claims"),
     "claims_headline": claims_headline,
     "claims_adapters": stored_table("claims", "adapters"),
+    "deploy": stored_table("deploy", "forms"),
+    "deploy_summary": stored_table("deploy", "summary"),
+    "deploy_gt": stored_table("deploy", "gt"),
 }
 # The results file (launch/bench/results/NAME.json) behind each measured table.
 MEASURED = {
@@ -99,6 +102,9 @@ MEASURED = {
     "claims": "claims",
     "claims_headline": "claims",
     "claims_adapters": "claims",
+    "deploy": "deploy",
+    "deploy_summary": "deploy",
+    "deploy_gt": "deploy",
 }
 
 
