@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from launch.demo import ADAPT_VAL
 from teachers.cache_read import load_manifest
 from tests.conftest import REPO
 
@@ -77,4 +78,4 @@ def test_demo_runs(tmp_path):
         str(tmp_path / "adapt" / "adapted.pt"),
         str(tmp_path / "run" / "student.pt"),
     ]
-    assert scored["num_images"] == 8 and (tmp_path / "adapt" / "training.png").exists()
+    assert scored["num_images"] == ADAPT_VAL and (tmp_path / "adapt" / "training.png").exists()
