@@ -129,12 +129,12 @@ def onnx_int8(work: Path, encoder: torch.nn.Module, mode: str) -> Path:
     from students.onnx import export_onnx
     from students.quant import quantize_onnx
 
-    path = work / "onnx" / f"encoder_int8_{mode}.onnx"
+    fp32, path = work / "onnx" / "encoder.onnx", work / "onnx" / f"encoder_int8_{mode}.onnx"
+    if not fp32.exists():  # one export serves both modes
+        fp32.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(encoder, fp32.with_suffix(".part")).replace(fp32)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fp32 = export_onnx(encoder, work / "onnx" / "encoder.onnx")
-        part = quantize_onnx(fp32, path.with_suffix(".part"), mode, calibration(work))
-        part.replace(path)
+        quantize_onnx(fp32, path.with_suffix(".part"), mode, calibration(work)).replace(path)
     return path
 
 
@@ -207,36 +207,32 @@ def camouflage(cfg, work: Path) -> Path:
 
 def adapt(cfg, work: Path, method: str, start: Path, domain: Path) -> Path:
     """One `launch/adapt.py` run (one process) of `method` from `start`; its adapted.pt."""
-    run = work / "adapt" / method
-    if not (run / "adapted.pt").exists():
-        steps = str(cfg.sizes["extra_steps"])
-        args = ["--ckpt", str(start), "--method", method, "--data", str(domain)]
-        args += ["--out", str(run), "--steps", steps, "--batch-size", str(cfg.sizes["batch_size"])]
-        args += ["--seed", str(cfg.seed), "--engine", "torch", "--workers", "0", "--no-progress"]
-        args += ["--device", "cpu", "--val-every", steps, "--checkpoint-every", steps]
-        args += ["--prompt", "gt_box"]
-        args += ["--options", ADAPT_OPTIONS[method]] if method in ADAPT_OPTIONS else []
-        args += ["--resume", "auto"] if (run / "checkpoints").exists() else []
-        common.run_entry("launch/adapt.py", args, run.with_suffix(".log"))
-    return run / "adapted.pt"
+    steps = str(cfg.sizes["extra_steps"])
+    args = ["--ckpt", str(start), "--method", method, "--data", str(domain)]
+    args += ["--steps", steps, "--batch-size", str(cfg.sizes["batch_size"])]
+    args += ["--seed", str(cfg.seed), "--engine", "torch", "--workers", "0", "--no-progress"]
+    args += ["--device", "cpu", "--val-every", steps, "--checkpoint-every", steps]
+    args += ["--prompt", "gt_box"]
+    args += ["--options", ADAPT_OPTIONS[method]] if method in ADAPT_OPTIONS else []
+    return common.train_once("launch/adapt.py", work / "adapt" / method, "adapted.pt", args)
 
 
-def domain_scores(work: Path, method: str, ckpt: Path, start: Path, domain: Path) -> tuple:
-    """IoU x 100 per val image of the adapted model and of the un-adapted student (eval/masks.py,
-    the mask's box as in training), kept in work/eval."""
+def domain_scores(work: Path, name: str, ckpt: Path, domain: Path) -> dict[int, float]:
+    """IoU x 100 per val image (in the split's order) of `ckpt` on the domain (eval/masks.py, the
+    mask's box as in training), kept in work/eval."""
     from eval.config import MaskEvalConfig
     from eval.masks import evaluate
 
-    path = work / "eval" / f"adapt_{method}.json"
+    path = work / "eval" / f"adapt_{name}.json"
     if not path.exists():
-        cfg = MaskEvalConfig(ckpt=str(ckpt), compare_ckpt=str(start), data=str(domain))
+        cfg = MaskEvalConfig(ckpt=str(ckpt), data=str(domain))
         cfg.prompt = "gt_box"
         cfg.device, cfg.progress = "cpu", False
         report = evaluate(cfg)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(report))
-    models = json.loads(path.read_text())["models"]
-    return tuple({i: 100 * v for i, v in enumerate(m["iou_per_image"])} for m in models)
+    model = json.loads(path.read_text())["models"][0]  # the report's first model is --ckpt
+    return dict(enumerate(100 * v for v in model["iou_per_image"]))
 
 
 def adapter_costs(cfg, start: Path, ckpts: dict[str, Path]) -> dict[str, dict]:
@@ -246,13 +242,12 @@ def adapter_costs(cfg, start: Path, ckpts: dict[str, Path]) -> dict[str, dict]:
     from students import load_sam
     from students.adapters.model import PromptedSam, set_trainable
 
-    x = torch.randn(1, 3, 512, 512)
+    x, box = torch.randn(1, 3, 512, 512), torch.tensor([[0.0, 0.0, 512.0, 512.0]])
     encoders, out = {"student": load_sam(start).image_encoder}, {}
     for method, ckpt in ckpts.items():
         sam = load_sam(ckpt)
         set_trainable(sam, train_decoder=True)
         model = PromptedSam(sam).train()
-        box = torch.tensor([[0.0, 0.0, 512.0, 512.0]])
         out[method] = {
             "trainable": sum(p.numel() for p in sam.parameters() if p.requires_grad),
             "trainable_adapter": getattr(sam.image_encoder, "num_trainable", 0),
@@ -270,10 +265,10 @@ def arm_adapters(cfg, work: Path) -> dict:
 
     start, domain = phase1(cfg, work, "progressive"), camouflage(cfg, work)
     ckpts = {m: adapt(cfg, work, m, start, domain) for m in list_adapters()}
-    scored = {m: domain_scores(work, m, c, start, domain) for m, c in ckpts.items()}
-    none, decoder = scored["decoder"][1], scored["decoder"][0]
+    scored = {m: domain_scores(work, m, c, domain) for m, c in ckpts.items()}
+    none, decoder = domain_scores(work, "un-adapted", start, domain), scored["decoder"]
     out = {}
-    for method, (got, _) in scored.items():
+    for method, got in scored.items():
         out[f"{method} - un-adapted"] = compare(none, got)
         if method != "decoder":
             out[f"{method} - decoder"] = compare(decoder, got)

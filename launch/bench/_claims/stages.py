@@ -36,17 +36,11 @@ def make_data(cfg, work: Path) -> None:
 
 def distill(cfg, work: Path, name: str, steps: int, extra: list[str]) -> Path:
     """One `launch/distill.py` run (one process) into work/runs/NAME; its student.pt."""
-    run = work / "runs" / name
-    student = run / "student.pt"
-    if not student.exists():
-        args = ["--shards", str(work / "cache"), "--out", str(run), "--steps", str(steps)]
-        args += ["--batch-size", str(cfg.sizes["batch_size"]), "--seed", str(cfg.seed)]
-        args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
-        args += ["--log-every", "25", "--checkpoint-every", str(steps), *extra]
-        # a run stopped part-way (a signal saves a checkpoint) continues where it stopped
-        args += ["--resume", "auto"] if (run / "checkpoints").exists() else []
-        common.run_entry("launch/distill.py", args, run.with_suffix(".log"))
-    return student
+    args = ["--shards", str(work / "cache"), "--steps", str(steps)]
+    args += ["--batch-size", str(cfg.sizes["batch_size"]), "--seed", str(cfg.seed)]
+    args += ["--engine", "torch", "--workers", "0", "--no-progress", "--device", "cpu"]
+    args += ["--log-every", "25", "--checkpoint-every", str(steps), *extra]
+    return common.train_once("launch/distill.py", work / "runs" / name, "student.pt", args)
 
 
 def phase1(cfg, work: Path, name: str, *flags: str) -> Path:

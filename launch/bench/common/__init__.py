@@ -13,7 +13,8 @@
 * `runs`: `run_child` calls a function of a benchmark module in a fresh interpreter (a clean
   peak-memory reading, no warm caches shared between models) and returns its JSON result;
   `run_script` runs an entry script of the repository with its output in a log file, and
-  `run_entry` runs distill, adapt or eval/coco.py in this process; `check_setup` keeps a work
+  `run_entry` runs distill, adapt or eval/coco.py in this process (`train_once` a training run
+  whose product is reused, resumed when it stopped part-way); `check_setup` keeps a work
   folder's stages from being reused under another setup.
 * `results`: `paired` gives the mean per-instance difference of two models on the same instances,
   its standard error and the share improved, `paired_bars` draws them; `write_results` writes one
@@ -59,6 +60,7 @@ from launch.bench.common.runs import (  # noqa: F401
     run_child,
     run_entry,
     run_script,
+    train_once,
 )
 from launch.bench.common.scoring import (  # noqa: F401
     coco_records,

@@ -96,6 +96,17 @@ def run_entry(script: str, args: list[str], log: Path) -> None:
         raise RuntimeError(f"{script} failed ({code}), log {log}:\n" + "\n".join(tail))
 
 
+def train_once(script: str, run: Path, product: str, args: list[str]) -> Path:
+    """`run/product` (student.pt, adapted.pt): made once by a `launch/distill.py` or
+    `launch/adapt.py` run with `args --out run` in this process (its log beside, run.log), and
+    reused after; a run stopped part-way (a signal saves a checkpoint) continues where it
+    stopped."""
+    if not (run / product).exists():
+        resume = ["--resume", "auto"] if (run / "checkpoints").exists() else []
+        run_entry(script, [*args, "--out", str(run), *resume], run.with_suffix(".log"))
+    return run / product
+
+
 def check_setup(work: Path, setup: dict) -> None:
     """Record `setup` (what the stages kept under `work` depend on) in work/setup.json, or refuse
     a folder made with another one, naming what differs."""
