@@ -56,6 +56,9 @@ class ExportConfig:
     """Also write the prompt encoder + mask decoder ONNX and predict.py."""
     keep_fp32: tuple[str, ...] = KEEP_FP32
     """int8: prefixes of ONNX node names left in fp32."""
+    reduce_range: bool = False
+    """int8: 7-bit weights, for x86 CPUs without VNNI, where 8-bit ones saturate
+    (students/README.md#int8)."""
     prune: str | None = field(default=None, metadata={"choices": TARGETS})
     """heads or mlp: prune instead of exporting; writes OUT/pruned.pt."""
     ratio: float = 0.5
@@ -148,7 +151,7 @@ def export(cfg: ExportConfig) -> dict:
         files[path.name] = {"batch": batch, "max_abs_diff": diff}
         if cfg.int8:
             int8 = out / f"encoder_int8_{cfg.int8}_b{batch}.onnx"
-            quantize_onnx(path, int8, cfg.int8, calib, cfg.keep_fp32)
+            quantize_onnx(path, int8, cfg.int8, calib, cfg.keep_fp32, cfg.reduce_range)
             files[int8.name] = {"batch": batch, "int8": cfg.int8}
     if cfg.decoder:
         path = export_decoder_onnx(sam, out / "decoder.onnx", cfg.opset)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from PIL import Image
@@ -19,7 +21,7 @@ from students.export import save_student
 from students.load import load_sam
 from students.ort_predict import OrtPredictor
 from students.ort_predict import preprocess as ort_preprocess
-from students.quant import embedding_agreement, quantize_onnx, quantize_torch
+from students.quant import cpu_has_vnni, embedding_agreement, quantize_onnx, quantize_torch
 from teachers.preprocess import preprocess
 from tests.conftest import REPO
 
@@ -184,12 +186,30 @@ def test_int8_keeps_the_embedding_of_a_distilled_student(distilled):
     dynamic = embedding_agreement(ref, ort_all(out / "dynamic.onnx"))
     in_torch = embedding_agreement(ref, torch_int8)
     print(f"int8 cosine: static {static}, dynamic {dynamic}, torch {in_torch}")
-    # Bounds at 10x the error measured on a 2-core CPU: 1 - cosine_min and rel_error were
-    # static 6.7e-5 and 0.011, dynamic 7.7e-6 and 0.0031, torch 5.5e-6 and 0.0027.
-    bounds = {"static": (7e-4, 0.11), "dynamic": (8e-5, 0.031), "torch": (6e-5, 0.027)}
+    # Bounds at 10x the error measured on 2-core AMD EPYCs, 1 - cosine_min and rel_error. With
+    # VNNI: static 6.7e-5 and 0.011, dynamic 7.7e-6 and 0.0031, torch 5.5e-6 and 0.0027.
+    # Without (AVX2 only, where onnxruntime's 8-bit kernels saturate): static 4.3e-4 and
+    # 0.023, dynamic 2.3e-4 and 0.018, torch as with VNNI.
+    if cpu_has_vnni():
+        bounds = {"static": (7e-4, 0.11), "dynamic": (8e-5, 0.031), "torch": (6e-5, 0.027)}
+    else:
+        bounds = {"static": (4.3e-3, 0.23), "dynamic": (2.3e-3, 0.18), "torch": (6e-5, 0.027)}
     for name, figures in zip(bounds, (static, dynamic, in_torch), strict=True):
         worst_cosine, rel_error = bounds[name]
         assert 1 - figures["cosine_min"] < worst_cosine, (name, figures)
         assert figures["rel_error"] < rel_error, (name, figures)
     # Quantized, not a copy: the error is there, but small.
     assert static["rel_error"] > 1e-4 and dynamic["rel_error"] > 1e-4
+
+    # --reduce-range: 7-bit weights, which do not saturate without VNNI. Measured 1 - cosine_min
+    # 2.6e-6 on the AVX2-only EPYC (bound 10x); with VNNI it is held to dynamic's bound.
+    reduced = out / "reduced.onnx"
+    quantize_onnx(out / "encoder_b1.onnx", reduced, "dynamic", reduce_range=True)
+    weights = [
+        onnx.numpy_helper.to_array(t)
+        for t in onnx.load(str(reduced)).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    ]
+    assert weights and max(int(np.abs(w).max()) for w in weights) == 64  # 127 without
+    figures = embedding_agreement(ref, ort_all(reduced))
+    assert 1 - figures["cosine_min"] < (8e-5 if cpu_has_vnni() else 2.6e-5), figures
