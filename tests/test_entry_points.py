@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -17,18 +18,30 @@ SCRIPTS = sorted(
 )
 
 
+def _help(script) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(script), "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,  # only catches a hang
+    )
+
+
+@pytest.fixture(scope="module")
+def answers() -> dict:
+    """Each script's --help, four at a time: most of a run is importing torch, which waits on the
+    disk as much as on a core."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(SCRIPTS, pool.map(_help, SCRIPTS), strict=True))
+
+
 def test_scripts_exist():
     assert "launch/cache_teacher.py" in {str(s) for s in SCRIPTS}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=str)
-def test_help(script):
-    result = subprocess.run(
-        [sys.executable, str(script), "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_help(script, answers):
+    result = answers[script]
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout

@@ -45,7 +45,8 @@ SlurmdUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+# cred_expire: a requeued job waits this long (default 120 s) before it may start again.
+AuthInfo=socket={munge_socket},cred_expire=15
 CredType=cred/munge
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
