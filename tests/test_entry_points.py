@@ -40,6 +40,7 @@ def test_scripts_exist():
     assert "launch/cache_teacher.py" in {str(s) for s in SCRIPTS}
 
 
+@pytest.mark.slow  # a Python with torch a script
 @pytest.mark.parametrize("script", SCRIPTS, ids=str)
 def test_help(script, answers):
     result = answers[script]
