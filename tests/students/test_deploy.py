@@ -23,7 +23,6 @@ from students.ort_predict import OrtPredictor
 from students.ort_predict import preprocess as ort_preprocess
 from students.quant import cpu_has_vnni, embedding_agreement, quantize_onnx, quantize_torch
 from teachers.preprocess import preprocess
-from tests.conftest import REPO
 
 SIDE = 128
 IMAGE = np.random.default_rng(0).integers(0, 256, (96, 130, 3), dtype=np.uint8)
@@ -142,35 +141,25 @@ def test_export_flags_are_checked(student_pt, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory):
-    """A dfa_t distilled 40 steps from a vit_tiny cache of 8 generated images, the cache, and 6
+def distilled(distilled_run, tmp_path_factory):
+    """The shared briefly distilled dfa_t (tests/students/conftest.py), its cache, and 6
     generated images of another seed to score on."""
     from eval.scenes.synthetic import make_coco
-    from teachers import load_teacher
-    from teachers.cache import plan_cache, write_cache
     from teachers.preprocess import load_image
 
-    root = tmp_path_factory.mktemp("distilled")
-    make_coco(root / "coco", num_images=8, seed=3)
-    teacher = load_teacher("vit_tiny", taps=(1, 3))
-    write_cache(teacher, plan_cache(str(root / "coco"), 4), root / "cache", progress=False)
-    cmd = [sys.executable, "launch/distill.py", "--shards", str(root / "cache"), "--out"]
-    cmd += [str(root / "run"), "--student", "dfa_t", "--steps", "40", "--batch-size", "4"]
-    cmd += ["--lr", "2e-3", "--workers", "0", "--no-progress", "--device", "cpu"]
-    cmd += ["--engine", "torch", "--log-every", "20"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
-    make_coco(root / "scored", num_images=6, seed=11)
+    root, scored = distilled_run, tmp_path_factory.mktemp("scored")
+    make_coco(scored, num_images=6, seed=11)
     sam = load_sam(root / "run" / "student.pt")
     size = sam.image_encoder.img_size
-    files = sorted((root / "scored" / "val2017").iterdir())
+    files = sorted((scored / "val2017").iterdir())
     images = torch.stack([preprocess(load_image(f), size).image for f in files])
     return root, sam.image_encoder, images
 
 
 @pytest.mark.slow
-def test_int8_keeps_the_embedding_of_a_distilled_student(distilled):
+def test_int8_keeps_the_embedding_of_a_distilled_student(distilled, tmp_path):
     root, encoder, images = distilled
-    out = root / "int8"
+    out = tmp_path / "int8"
     argv = ["--ckpt", str(root / "run" / "student.pt"), "--out", str(out)]
     argv += ["--calib-shards", str(root / "cache")]
     assert export_cli.main([*argv, "--int8", "static"]) == 0

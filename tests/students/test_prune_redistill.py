@@ -10,12 +10,9 @@ import sys
 import pytest
 import torch
 
-from eval.scenes.synthetic import make_coco
 from students.export import read_export_meta
 from students.load import load_sam
-from teachers import load_teacher
 from teachers.build import random_vit_tiny
-from teachers.cache import plan_cache, write_cache
 from tests.conftest import REPO, unplaced_env
 
 pytestmark = pytest.mark.slow
@@ -58,28 +55,11 @@ def _agreement(ckpt, coco, teacher, out) -> float:
     return json.loads(out.read_text())["compare"]["agreement"]["miou"]["all"]
 
 
-def test_pruned_then_redistilled_student_keeps_teacher_agreement(tmp_path):
-    make_coco(tmp_path / "coco", num_images=8, seed=3)
-    teacher = load_teacher("vit_tiny", taps=(1, 3))
-    write_cache(teacher, plan_cache(str(tmp_path / "coco"), 4), tmp_path / "cache", progress=False)
+def test_pruned_then_redistilled_student_keeps_teacher_agreement(distilled_run, tmp_path):
     teacher_ckpt = tmp_path / "teacher.pth"
     torch.save(random_vit_tiny().state_dict(), teacher_ckpt)  # the cache's seed-0 teacher
-    cache = str(tmp_path / "cache")
-    _run(
-        "launch/distill.py",
-        "--shards",
-        cache,
-        "--out",
-        str(tmp_path / "run"),
-        "--student",
-        "dfa_t",
-        "--steps",
-        "40",
-        "--lr",
-        "2e-3",
-        *DISTILL,
-    )
-    student = tmp_path / "run" / "student.pt"
+    cache, coco = str(distilled_run / "cache"), distilled_run / "coco"
+    student = distilled_run / "run" / "student.pt"
     _run(
         "launch/export.py",
         "--ckpt",
@@ -116,11 +96,9 @@ def test_pruned_then_redistilled_student_keeps_teacher_agreement(tmp_path):
     )
     meta = read_export_meta(tmp_path / "re" / "student.pt")
     assert meta["student"] == read_export_meta(pruned)["student"]  # the pruned architecture
-    base = _agreement(student, tmp_path / "coco", teacher_ckpt, tmp_path / "a.json")
-    before = _agreement(pruned, tmp_path / "coco", teacher_ckpt, tmp_path / "b.json")
-    after = _agreement(
-        tmp_path / "re" / "student.pt", tmp_path / "coco", teacher_ckpt, tmp_path / "c.json"
-    )
+    base = _agreement(student, coco, teacher_ckpt, tmp_path / "a.json")
+    before = _agreement(pruned, coco, teacher_ckpt, tmp_path / "b.json")
+    after = _agreement(tmp_path / "re" / "student.pt", coco, teacher_ckpt, tmp_path / "c.json")
     print(f"teacher agreement: unpruned {base:.1f}, pruned {before:.1f}, re-distilled {after:.1f}")
     # Re-distillation recovers what pruning cost: the pruned student alone (after == before)
     # fails both, where `after >= base - 5` held before any re-distillation (70.1 >= 67.2).
