@@ -56,16 +56,24 @@ def test_a_training_image_has_prompts_and_targets_inside_the_input() -> None:
 
 @pytest.mark.slow
 def test_the_first_steps_are_the_same_on_a_rerun(tmp_path) -> None:
-    def losses(out):
+    """Two runs side by side, one thread each (so their float sums run in one order)."""
+
+    def start(out):
         cmd = [sys.executable, "launch/train_reference.py", "--out", str(out), "--steps", "2"]
         cmd += ["--batch-size", "2", "--prompts-per-image", "2", "--val-scenes", "2"]
         cmd += ["--no-progress", "--device", "cpu"]
         env = unplaced_env(OMP_NUM_THREADS="1")
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def losses(out, proc):
+        _, stderr = proc.communicate(timeout=600)  # only catches a hang
+        assert proc.returncode == 0, stderr[-2000:]
         with open(out / "log.csv", newline="") as f:
             return [(r["loss_total"], r["loss_mask"], r["loss_iou"]) for r in csv.DictReader(f)]
 
-    first, again = losses(tmp_path / "a"), losses(tmp_path / "b")
+    runs = {out: start(out) for out in (tmp_path / "a", tmp_path / "b")}
+    first, again = (losses(out, proc) for out, proc in runs.items())
     assert len(first) == 2 and first == again
     assert (tmp_path / "a" / "sam_mini.pth").is_file()
