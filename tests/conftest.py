@@ -57,6 +57,18 @@ def cache_flags(images: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory) -> Path:
+    """A folder holding `coco/` (8 generated COCO images, seed 3) and `cache/`, their vit_tiny
+    cache (random seed-0 teacher, taps 1 and 3, 4 to a shard). Tests read both; one that changes
+    the cache copies it first."""
+    from tests.distill.runs import tiny_coco_cache
+
+    root = tmp_path_factory.mktemp("tiny_coco")
+    tiny_coco_cache(root, num_images=8, seed=3, per_shard=4)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_sam():
     return random_vit_tiny(seed=1)
 
