@@ -368,8 +368,9 @@ def _stop_cache_before_any_shard(slurm, work: Path, held_python: str) -> dict:
 def preempted(slurm, work, cache, held_python) -> dict:
     """The jobs stopped by USR1, submitted together so that SLURM's holds of the requeued ones
     (their launch credential's lifetime: cred_expire, 15 s in this cluster, 120 s by default)
-    overlap and the other jobs run meanwhile. Releasing a requeued job early races slurmd, which refuses to relaunch a job id
-    it has just killed ("already killed, do not launch batch job"), so the tests wait it out.
+    overlap and the other jobs run meanwhile. Releasing a requeued job early races slurmd,
+    which refuses to relaunch a job id it has just killed ("already killed, do not launch batch
+    job"), so the tests wait it out.
     "reference" is the uninterrupted distillation, through the same script."""
     jobs = dict(distill=_stop_distill(slurm, work, cache, held_python))
     jobs["cache"] = _stop_cache(slurm, work, held_python)

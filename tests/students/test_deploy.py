@@ -179,7 +179,8 @@ def test_int8_keeps_the_embedding_of_a_distilled_student(distilled, tmp_path):
     # VNNI: static 6.7e-5 and 0.011, dynamic 7.7e-6 and 0.0031, torch 5.5e-6 and 0.0027.
     # Without (AVX2 only, where onnxruntime's 8-bit kernels saturate): static 4.3e-4 and
     # 0.023, dynamic 2.3e-4 and 0.018, torch as with VNNI.
-    if cpu_has_vnni():
+    vnni = cpu_has_vnni()
+    if vnni:
         bounds = {"static": (7e-4, 0.11), "dynamic": (8e-5, 0.031), "torch": (6e-5, 0.027)}
     else:
         bounds = {"static": (4.3e-3, 0.23), "dynamic": (2.3e-3, 0.18), "torch": (6e-5, 0.027)}
@@ -201,4 +202,4 @@ def test_int8_keeps_the_embedding_of_a_distilled_student(distilled, tmp_path):
     ]
     assert weights and max(int(np.abs(w).max()) for w in weights) == 64  # 127 without
     figures = embedding_agreement(ref, ort_all(reduced))
-    assert 1 - figures["cosine_min"] < (8e-5 if cpu_has_vnni() else 2.6e-5), figures
+    assert 1 - figures["cosine_min"] < (8e-5 if vnni else 2.6e-5), figures
