@@ -17,7 +17,7 @@ from eval.scenes.synthetic import make_coco
 from students.load import load_sam
 from teachers import load_teacher
 from teachers.cache import plan_cache, write_cache
-from tests.conftest import REPO, unplaced_env
+from tests.conftest import REPO, free_port, unplaced_env
 
 # The distillation flags every run of these tests shares: a tiny student on a vit_tiny cache.
 BASE = [
@@ -37,13 +37,13 @@ BASE = [
 ]
 
 
-def run_entry(entry, *args, port, launcher=None, script=None, check=True):
+def run_entry(entry, *args, launcher=None, script=None, check=True):
     """`entry` (e.g. "launch/distill.py") with `args`: in this Python, under the `deepspeed`
-    launcher with two processes on `port` (`launcher="deepspeed"`), or as the `python -c`
+    launcher with two processes on a free port (`launcher="deepspeed"`), or as the `python -c`
     `script` (which runs the entry itself). With `check`, a failure shows the output's tail."""
     if launcher == "deepspeed":
         deepspeed = Path(sys.executable).parent / "deepspeed"  # the launcher beside this Python
-        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), entry]
+        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), entry]
     elif script:
         cmd = [sys.executable, "-c", script]
     else:
@@ -56,8 +56,8 @@ def run_entry(entry, *args, port, launcher=None, script=None, check=True):
     return result
 
 
-run_distill = partial(run_entry, "launch/distill.py", port=29731)
-run_adapt = partial(run_entry, "launch/adapt.py", port=29741)
+run_distill = partial(run_entry, "launch/distill.py")
+run_adapt = partial(run_entry, "launch/adapt.py")
 
 
 def read_log(out: Path) -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, unplaced_env
+from tests.conftest import REPO, free_port, unplaced_env
 from tests.distill.runs import BASE, assert_same_encoder, read_log, run_distill
 
 pytestmark = pytest.mark.slow
@@ -133,7 +133,8 @@ def test_sigusr1_to_one_of_two_deepspeed_ranks_stops_both_at_the_same_step(cache
     out = tmp_path / "stopped"
     env = unplaced_env()
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29733", str(wrapper), *args]
+    port = str(free_port())
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", port, str(wrapper), *args]
     result = subprocess.run(
         [*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
