@@ -74,6 +74,12 @@ def test_the_first_steps_are_the_same_on_a_rerun(tmp_path) -> None:
             return [(r["loss_total"], r["loss_mask"], r["loss_iou"]) for r in csv.DictReader(f)]
 
     runs = {out: start(out) for out in (tmp_path / "a", tmp_path / "b")}
-    first, again = (losses(out, proc) for out, proc in runs.items())
+    try:
+        first, again = (losses(out, proc) for out, proc in runs.items())
+    finally:  # a failed or hung run does not leave the other running after the test
+        for proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
     assert len(first) == 2 and first == again
     assert (tmp_path / "a" / "sam_mini.pth").is_file()
