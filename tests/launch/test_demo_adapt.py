@@ -7,6 +7,13 @@ the mask loss shrinks its mask towards empty; under the mask's box it segments, 
 keeps that. Measured on the demo's distilled student (60 steps of batch 4, val IoU): full box at
 lr 1e-3 0.21 -> 0.04 (area ratio 2.8 -> 0.8, the training masks' layout); GT box at lr 2e-4
 0.48 -> 0.50 on 240 training pairs.
+
+The test's domain (seed 0, 32 training pairs, 8 steps) changed val IoU, over domain and
+adaptation seeds 0-4 (2-core CPU, 2026-12-07): under the demo's settings by +0.032, +0.005,
++0.020, -0.029 and -0.004; under the former ones by -0.165, -0.129, -0.154, -0.167 and -0.127,
+with the foreground area falling from 4.8-5.9x the truth to 0.04x or less. TOLERANCE sits
+about halfway between the two: twice the worst loss under the demo's settings, under half the
+smallest under the former.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 8
 FORMER = dict(ADAPT_SETTINGS, prompt="full_box", lr=1e-3)
-TOLERANCE = 0.02  # IoU points the adapted model may lose (8 val images)
+TOLERANCE = 0.06  # val IoU the demo's settings may lose (8 val images; measured <= 0.029)
 
 
 @pytest.fixture(scope="module")
