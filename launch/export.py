@@ -133,9 +133,12 @@ def export(cfg: ExportConfig) -> dict:
         export_onnx,
         write_xanylabeling_config,
     )
-    from students.quant import quantize_onnx
+    from students.quant import int8_cpu_warning, quantize_onnx
 
     out = Path(cfg.out)
+    warning = int8_cpu_warning(cfg.reduce_range) if cfg.int8 else None
+    if warning:
+        print(warning, file=sys.stderr)
     sam = load_sam(cfg.ckpt)
     encoder = sam.image_encoder
     calib = None
@@ -152,7 +155,7 @@ def export(cfg: ExportConfig) -> dict:
         if cfg.int8:
             int8 = out / f"encoder_int8_{cfg.int8}_b{batch}.onnx"
             quantize_onnx(path, int8, cfg.int8, calib, cfg.keep_fp32, cfg.reduce_range)
-            files[int8.name] = {"batch": batch, "int8": cfg.int8}
+            files[int8.name] = {"batch": batch, "int8": cfg.int8, "reduce_range": cfg.reduce_range}
     if cfg.decoder:
         path = export_decoder_onnx(sam, out / "decoder.onnx", cfg.opset)
         files[path.name] = {"layout": "segment_anything.utils.onnx.SamOnnxModel"}

@@ -19,6 +19,7 @@ Two paths, both CPU:
 from __future__ import annotations
 
 import copy
+import platform
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,6 +140,21 @@ def cpu_has_vnni() -> bool:
     except OSError:
         return False
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def int8_cpu_warning(reduce_range: bool, machine: str | None = None) -> str | None:
+    """The warning for writing 8-bit int8 weights on an x86 CPU without VNNI, whose onnxruntime
+    kernels saturate them; None elsewhere, or with ``reduce_range``. The deploy machine may not
+    be this one, so it warns rather than choosing."""
+    machine = (machine or platform.machine()).lower()
+    if reduce_range or machine not in ("x86_64", "amd64") or cpu_has_vnni():
+        return None
+    return (
+        "WARNING: this x86 CPU has no VNNI: onnxruntime's int8 kernels saturate 8-bit weights "
+        "here (up to 30x the embedding error of a VNNI CPU); if the model runs on a CPU like "
+        "this one, export with --reduce-range (students/README.md#onnx-int8-and-a-torch-free-"
+        "predictor)"
+    )
 
 
 def quantize_torch(encoder: nn.Module) -> nn.Module:

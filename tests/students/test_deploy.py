@@ -16,7 +16,7 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from launch import export as export_cli
-from students import build_student
+from students import build_student, quant
 from students.export import save_student
 from students.load import load_sam
 from students.ort_predict import OrtPredictor
@@ -135,6 +135,25 @@ def test_export_flags_are_checked(student_pt, tmp_path, capsys):
     assert "nope.pt: no such file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--int8 'int4'"):
         quantize_onnx(tmp_path / "x.onnx", tmp_path / "y.onnx", "int4")
+
+
+def test_int8_on_an_x86_cpu_without_vnni_warns_and_records_the_range(
+    student_pt, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(quant, "cpu_has_vnni", lambda: False)
+    assert "--reduce-range" in quant.int8_cpu_warning(False, "x86_64")
+    assert quant.int8_cpu_warning(True, "x86_64") is None  # 7-bit weights already
+    assert quant.int8_cpu_warning(False, "aarch64") is None  # not onnxruntime's x86 kernels
+    monkeypatch.setattr(quant.platform, "machine", lambda: "x86_64")
+    argv = ["--ckpt", str(student_pt), "--out", str(tmp_path / "a"), "--int8", "dynamic"]
+    assert export_cli.main(argv) == 0
+    assert "WARNING: this x86 CPU has no VNNI" in capsys.readouterr().err
+    assert export_cli.main([*argv[:3], str(tmp_path / "b"), *argv[4:], "--reduce-range"]) == 0
+    assert "VNNI" not in capsys.readouterr().err
+    files = json.loads((tmp_path / "b" / "export.json").read_text())["files"]
+    assert files["encoder_int8_dynamic_b1.onnx"]["reduce_range"] is True
+    monkeypatch.setattr(quant, "cpu_has_vnni", lambda: True)
+    assert quant.int8_cpu_warning(False, "x86_64") is None
 
 
 # --- int8 on a briefly distilled student (random weights quantize unrealistically) -------------
