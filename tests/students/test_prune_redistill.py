@@ -5,7 +5,7 @@ training logs (log.csv, every step).
 Measured over seeds 0-4 (`--seed` of both runs, 2-core CPU, 2026-12-07), against the unpruned
 student's mean over its last 5 of 40 steps:
 - the pruned student's first-step loss on the final embedding: 0.92-1.31x (a fresh student
-  starts at 14-16x), so `--init` loaded weights that still produce the embedding;
+  starts at 12-16x), so `--init` loaded weights that still produce the embedding;
 - its first-step loss on the last tap (block 3), where half the heads are gone: 8.4-15.9x;
 - after 20 re-distillation steps (mean of the last 5) that tap's loss is 1.30-1.58x.
 
