@@ -9,6 +9,7 @@ import socket
 import subprocess
 import textwrap
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,20 +34,16 @@ PLACEMENT = (
 # the cores: N workers each running torch's default of one thread per core would oversubscribe
 # them, and torch's spinning threads then run slower than one worker alone.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 def pytest_collection_modifyitems(config, items):
     """Files with the most slow tests first, the rest in their own order: the workers of
     `pytest -n N --dist loadfile` take files in this order, so the run ends on short files
     rather than one worker finishing a long one while the others wait."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.location[0]] = slow.get(item.location[0], 0) + bool(
-            item.get_closest_marker("slow")
-        )
+    slow = Counter(item.location[0] for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.location[0]])
 
 
@@ -62,14 +59,10 @@ def free_port() -> int:
 def _own_launcher_ports():
     """The demo's and the GPU check's deepspeed launchers take their port from the environment;
     each pytest process gets free ones."""
-    saved = {k: os.environ.get(k) for k in ("DEMO_PORT", "GPU_CHECK_PORT")}
-    os.environ.update(DEMO_PORT=str(free_port()), GPU_CHECK_PORT=str(free_port()))
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEMO_PORT", str(free_port()))
+        patch.setenv("GPU_CHECK_PORT", str(free_port()))
+        yield
 
 
 def unplaced_env(**extra: str) -> dict[str, str]:

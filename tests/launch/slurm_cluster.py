@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.conftest import free_port
+
 SKIP_ENV = "SAM_DISTILL_SKIP_SLURM"
 SETUP_HINT = "run `bash launch/setup_env.sh --slurm` as root (apt-get install slurm-wlm munge)"
 BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel")
@@ -84,12 +86,6 @@ def which(name: str) -> str | None:
 
 def missing_binaries() -> list[str]:
     return [name for name in BINARIES if which(name) is None]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_job(text: str) -> dict[str, str]:
@@ -194,8 +190,8 @@ class LocalSlurm:
                 cpus=self.cpus,
                 root=self.root,
                 munge_socket=self.munge_socket,
-                ctld_port=_free_port(),
-                slurmd_port=_free_port(),
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
                 first_job_id=random.randrange(1, 1_000_000),
             )
         )

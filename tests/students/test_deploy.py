@@ -145,10 +145,10 @@ def test_int8_on_an_x86_cpu_without_vnni_warns_and_records_the_range(
     assert quant.int8_cpu_warning(True, "x86_64") is None  # 7-bit weights already
     assert quant.int8_cpu_warning(False, "aarch64") is None  # not onnxruntime's x86 kernels
     monkeypatch.setattr(quant.platform, "machine", lambda: "x86_64")
-    argv = ["--ckpt", str(student_pt), "--out", str(tmp_path / "a"), "--int8", "dynamic"]
-    assert export_cli.main(argv) == 0
+    argv = ["--ckpt", str(student_pt), "--int8", "dynamic", "--out"]
+    assert export_cli.main([*argv, str(tmp_path / "a")]) == 0
     assert "WARNING: this x86 CPU has no VNNI" in capsys.readouterr().err
-    assert export_cli.main([*argv[:3], str(tmp_path / "b"), *argv[4:], "--reduce-range"]) == 0
+    assert export_cli.main([*argv, str(tmp_path / "b"), "--reduce-range"]) == 0
     assert "VNNI" not in capsys.readouterr().err
     files = json.loads((tmp_path / "b" / "export.json").read_text())["files"]
     assert files["encoder_int8_dynamic_b1.onnx"]["reduce_range"] is True
